@@ -1,0 +1,443 @@
+//! The HTTP API (see `interface.md`): health, metrics, status, peers, gossip,
+//! events over WebSocket, and blobs.
+
+use crate::{
+    blobs::{BlobError, BlobStore, FetchError, Fetcher},
+    metrics::Metrics,
+    network::{NetworkError, NetworkHandle, NodeEvent, Readiness},
+};
+use agentmesh_protocols::{blob::BlobHash, MAX_ENVELOPE_SIZE};
+use axum::{
+    body::Body,
+    extract::{
+        ws::{Message, WebSocket, WebSocketUpgrade},
+        DefaultBodyLimit, Path, Query, Request, State,
+    },
+    http::{header, HeaderValue, StatusCode},
+    middleware::{self, Next},
+    response::{IntoResponse, Response},
+    routing::{get, post},
+    Json, Router,
+};
+use base64::Engine as _;
+use bytes::Bytes;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use std::{collections::HashSet, sync::Arc};
+use tokio::sync::{broadcast, watch};
+
+/// Largest body accepted by `POST /v1/topics/{topic}/messages`: what fits in one
+/// envelope after its own fields (sender, id, timestamp).
+pub const MAX_PUBLISH_BODY: usize = MAX_ENVELOPE_SIZE - 1024;
+
+/// Shared state of the API handlers.
+pub struct ApiState {
+    /// Swarm handle.
+    pub net: NetworkHandle,
+    /// Local blobs.
+    pub store: Arc<BlobStore>,
+    /// Mesh fetches.
+    pub fetcher: Arc<Fetcher>,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Event fan-out.
+    pub events: broadcast::Sender<NodeEvent>,
+    /// Listening / connectivity state.
+    pub readiness: watch::Receiver<Readiness>,
+    /// Admin key clients must present, if any.
+    pub api_key: Option<String>,
+    /// Node name.
+    pub name: String,
+    /// Whether this node was told to join others (then ready needs a peer).
+    pub expects_peers: bool,
+}
+
+/// An API error: a status and a message, sent as `{"error": "..."}`.
+#[derive(Debug)]
+pub struct ApiError(StatusCode, String);
+
+impl ApiError {
+    fn bad_request(msg: impl Into<String>) -> Self {
+        Self(StatusCode::BAD_REQUEST, msg.into())
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(json!({ "error": self.1 }))).into_response()
+    }
+}
+
+impl From<NetworkError> for ApiError {
+    fn from(e: NetworkError) -> Self {
+        let status = match &e {
+            NetworkError::InvalidTopic(_) => StatusCode::BAD_REQUEST,
+            NetworkError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            NetworkError::Duplicate => StatusCode::CONFLICT,
+            NetworkError::NoSubscribers(_) | NetworkError::Stopped => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            NetworkError::Dial(_) | NetworkError::Request { .. } => StatusCode::BAD_GATEWAY,
+            NetworkError::Publish(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        Self(status, e.to_string())
+    }
+}
+
+impl From<BlobError> for ApiError {
+    fn from(e: BlobError) -> Self {
+        let status = match &e {
+            BlobError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            BlobError::Upload(_) => StatusCode::BAD_REQUEST,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        Self(status, e.to_string())
+    }
+}
+
+impl From<FetchError> for ApiError {
+    fn from(e: FetchError) -> Self {
+        let status = match &e {
+            FetchError::NoProviders(_) => StatusCode::NOT_FOUND,
+            FetchError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            FetchError::NoManifest { .. }
+            | FetchError::ProvidersFailed { .. }
+            | FetchError::ContentMismatch(_) => StatusCode::BAD_GATEWAY,
+            FetchError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            FetchError::Network(_) => StatusCode::SERVICE_UNAVAILABLE,
+        };
+        Self(status, e.to_string())
+    }
+}
+
+type Shared = Arc<ApiState>;
+
+/// Builds the router.
+pub fn router(state: Shared) -> Router {
+    let v1 = Router::new()
+        .route("/v1/status", get(status))
+        .route("/v1/peers", get(peers))
+        .route(
+            "/v1/topics/{topic}/messages",
+            post(publish).layer(DefaultBodyLimit::max(MAX_PUBLISH_BODY)),
+        )
+        .route("/v1/topics/{topic}", get(topic))
+        .route("/v1/events", get(events))
+        .route(
+            "/v1/blobs",
+            get(list_blobs)
+                .post(put_blob)
+                .layer(DefaultBodyLimit::disable()),
+        )
+        .route("/v1/blobs/{hash}", get(get_blob))
+        .route("/v1/blobs/{hash}/fetch", post(fetch_blob))
+        .route("/v1/blobs/{hash}/status", get(blob_status))
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_key));
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .merge(v1)
+        .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such endpoint".into()) })
+        .with_state(state)
+}
+
+/// Compares without an early exit, so timing does not reveal a key prefix.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn require_key(State(s): State<Shared>, req: Request, next: Next) -> Response {
+    if let Some(key) = &s.api_key {
+        let presented = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        let ok = presented.is_some_and(|p| constant_time_eq(p.trim().as_bytes(), key.as_bytes()));
+        if !ok {
+            let mut res = ApiError(
+                StatusCode::UNAUTHORIZED,
+                "missing or wrong API key: send Authorization: Bearer KEY".into(),
+            )
+            .into_response();
+            res.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            return res;
+        }
+    }
+    next.run(req).await
+}
+
+async fn readyz(State(s): State<Shared>) -> Response {
+    let r = s.readiness.borrow().clone();
+    let reason = if !r.listening {
+        Some("not listening yet")
+    } else if s.expects_peers && r.connected_peers == 0 {
+        Some("no bootstrap peer reached yet")
+    } else {
+        None
+    };
+    match reason {
+        None => (StatusCode::OK, Json(json!({ "ready": true }))).into_response(),
+        Some(reason) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({ "ready": false, "reason": reason })),
+        )
+            .into_response(),
+    }
+}
+
+async fn metrics(State(s): State<Shared>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        s.metrics.render(),
+    )
+}
+
+async fn status(State(s): State<Shared>) -> Result<Json<Value>, ApiError> {
+    let st = s.net.status().await?;
+    Ok(Json(json!({
+        "peer_id": st.peer_id,
+        "name": s.name,
+        "version": env!("CARGO_PKG_VERSION"),
+        "listen_addrs": st.listen_addrs,
+        "connected_peers": st.connected_peers,
+        "raft": Value::Null,
+    })))
+}
+
+async fn peers(State(s): State<Shared>) -> Result<Json<Value>, ApiError> {
+    Ok(Json(
+        serde_json::to_value(s.net.peers().await?).unwrap_or_default(),
+    ))
+}
+
+async fn publish(
+    State(s): State<Shared>,
+    Path(topic): Path<String>,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    if body.is_empty() {
+        return Err(ApiError::bad_request(
+            "empty message: send the message as the request body",
+        ));
+    }
+    let id = s.net.publish(topic.clone(), body.to_vec()).await?;
+    Ok(Json(json!({ "topic": topic, "message_id": id })))
+}
+
+async fn topic(
+    State(s): State<Shared>,
+    Path(topic): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    Ok(Json(
+        serde_json::to_value(s.net.topic(topic).await?).unwrap_or_default(),
+    ))
+}
+
+#[derive(Deserialize)]
+struct EventsQuery {
+    /// Comma-separated topics to subscribe to for the life of the socket.
+    #[serde(default)]
+    topics: String,
+}
+
+async fn events(
+    State(s): State<Shared>,
+    Query(q): Query<EventsQuery>,
+    ws: WebSocketUpgrade,
+) -> Result<Response, ApiError> {
+    let topics: Vec<String> = q
+        .topics
+        .split(',')
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .map(String::from)
+        .collect();
+    // Subscribe before upgrading so a bad topic is a 400, not a closed socket.
+    let mut subscribed = Vec::new();
+    for t in &topics {
+        if let Err(e) = s.net.subscribe(t.clone()).await {
+            for done in subscribed {
+                s.net.unsubscribe(done).await;
+            }
+            return Err(e.into());
+        }
+        subscribed.push(t.clone());
+    }
+    let rx = s.events.subscribe();
+    Ok(ws.on_upgrade(move |socket| async move {
+        stream_events(socket, rx, &topics).await;
+        for t in topics {
+            s.net.unsubscribe(t).await;
+        }
+    }))
+}
+
+/// The JSON form of an event; gossip data as UTF-8 text, or base64 when not text.
+pub fn event_json(ev: &NodeEvent) -> Value {
+    match ev {
+        NodeEvent::Gossip {
+            topic,
+            from,
+            message_id,
+            data,
+        } => {
+            let mut v =
+                json!({ "type": "gossip", "topic": topic, "from": from, "message_id": message_id });
+            match std::str::from_utf8(data) {
+                Ok(text) => v["data"] = json!(text),
+                Err(_) => {
+                    v["data_b64"] = json!(base64::engine::general_purpose::STANDARD.encode(data))
+                }
+            }
+            v
+        }
+        other => serde_json::to_value(other).unwrap_or_default(),
+    }
+}
+
+async fn stream_events(
+    mut socket: WebSocket,
+    mut rx: broadcast::Receiver<NodeEvent>,
+    topics: &[String],
+) {
+    let wanted: HashSet<&str> = topics.iter().map(String::as_str).collect();
+    let hello = json!({ "type": "subscribed", "topics": topics }).to_string();
+    if socket.send(Message::Text(hello.into())).await.is_err() {
+        return;
+    }
+    loop {
+        tokio::select! {
+            ev = rx.recv() => {
+                let text = match ev {
+                    Ok(NodeEvent::Gossip { ref topic, .. }) if !wanted.contains(topic.as_str()) => continue,
+                    Ok(ev) => event_json(&ev).to_string(),
+                    Err(broadcast::error::RecvError::Lagged(n)) => {
+                        json!({ "type": "lagged", "missed": n }).to_string()
+                    }
+                    Err(broadcast::error::RecvError::Closed) => break,
+                };
+                if socket.send(Message::Text(text.into())).await.is_err() {
+                    break;
+                }
+            }
+            msg = socket.recv() => match msg {
+                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
+                Some(Ok(_)) => {}
+            },
+        }
+    }
+}
+
+fn parse_hash(s: &str) -> Result<BlobHash, ApiError> {
+    s.parse()
+        .map_err(|e: agentmesh_protocols::blob::ParseHashError| {
+            ApiError::bad_request(e.to_string())
+        })
+}
+
+async fn list_blobs(State(s): State<Shared>) -> Result<Json<Value>, ApiError> {
+    Ok(Json(
+        serde_json::to_value(s.store.list()?).unwrap_or_default(),
+    ))
+}
+
+async fn put_blob(State(s): State<Shared>, body: Body) -> Result<Json<Value>, ApiError> {
+    let res = s.store.put(body.into_data_stream()).await?;
+    if let Ok(hash) = res.hash.parse::<BlobHash>() {
+        s.net.start_providing(hash).await?;
+    }
+    Ok(Json(serde_json::to_value(res).unwrap_or_default()))
+}
+
+async fn fetch_blob(
+    State(s): State<Shared>,
+    Path(hash): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let hash = parse_hash(&hash)?;
+    let report = s.fetcher.fetch(hash).await?;
+    Ok(Json(serde_json::to_value(report).unwrap_or_default()))
+}
+
+async fn blob_status(
+    State(s): State<Shared>,
+    Path(hash): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let hash = parse_hash(&hash)?;
+    if let Some(m) = s.store.manifest(&hash)? {
+        let n = m.chunk_count();
+        return Ok(Json(
+            json!({"hash": hash.to_string(), "state": "complete", "size": m.size, "chunks_total": n, "chunks_have": n}),
+        ));
+    }
+    if let Some(p) = s.fetcher.progress(&hash) {
+        return Ok(Json(
+            json!({"hash": hash.to_string(), "state": "fetching", "chunks_total": p.chunks_total, "chunks_have": p.chunks_have}),
+        ));
+    }
+    let state = if s.store.partial_manifest(&hash)?.is_some() {
+        "partial"
+    } else {
+        "absent"
+    };
+    Ok(Json(json!({"hash": hash.to_string(), "state": state})))
+}
+
+async fn get_blob(State(s): State<Shared>, Path(hash): Path<String>) -> Result<Response, ApiError> {
+    let hash = parse_hash(&hash)?;
+    s.fetcher.fetch(hash).await?;
+    let path = s.store.path(&hash);
+    let file = tokio::fs::File::open(&path).await.map_err(|e| {
+        ApiError(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("opening blob: {e}"),
+        )
+    })?;
+    let len = file
+        .metadata()
+        .await
+        .map_err(|e| {
+            ApiError(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("opening blob: {e}"),
+            )
+        })?
+        .len();
+    let body = Body::from_stream(tokio_util::io::ReaderStream::with_capacity(file, 1 << 20));
+    Ok((
+        [
+            (header::CONTENT_TYPE, "application/octet-stream".to_string()),
+            (header::CONTENT_LENGTH, len.to_string()),
+            (header::ETAG, format!("\"{hash}\"")),
+        ],
+        body,
+    )
+        .into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_compare_exactly() {
+        assert!(constant_time_eq(b"secret", b"secret"));
+        assert!(!constant_time_eq(b"secret", b"secreT"));
+        assert!(!constant_time_eq(b"secret", b"secret2"));
+    }
+
+    #[test]
+    fn binary_gossip_is_base64() {
+        let ev = NodeEvent::Gossip {
+            topic: "t".into(),
+            from: "p".into(),
+            message_id: "m".into(),
+            data: vec![0xff, 0xfe],
+        };
+        let v = event_json(&ev);
+        assert_eq!(v["data_b64"], "//4=");
+        assert!(v.get("data").is_none());
+    }
+}

@@ -1,0 +1,515 @@
+//! Fetching a blob from the mesh: providers from Kademlia, chunks pulled from
+//! several providers at once, each verified on arrival and written in place, the
+//! whole blob verified at the end. Verified chunks of an interrupted fetch are
+//! kept on disk and reused.
+
+use super::store::{BlobError, BlobStore};
+use crate::{
+    metrics::Metrics,
+    network::{NetworkError, NetworkHandle},
+};
+use agentmesh_protocols::blob::{BlobHash, BlobRequest, Manifest, ResponseBody};
+use futures::{stream::FuturesUnordered, StreamExt};
+use libp2p::PeerId;
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use std::{
+    collections::{HashMap, HashSet, VecDeque},
+    io::Read,
+    os::unix::fs::FileExt,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::Instant,
+};
+
+/// Chunk requests kept in flight per provider: enough to keep a loopback or LAN
+/// link busy while one chunk is being hashed and written.
+pub(crate) const WINDOW_PER_PROVIDER: usize = 8;
+/// Failed requests (timeouts, "busy") after which a provider is dropped for this fetch.
+const MAX_FAILURES_PER_PROVIDER: u32 = 5;
+/// Attempts with a fresh manifest when the assembled blob does not match its hash.
+const MANIFEST_ATTEMPTS: usize = 3;
+
+/// Why a fetch failed. The partial data stays on disk unless said otherwise.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    /// Nobody announces the blob.
+    #[error("no provider found for blob {0}")]
+    NoProviders(BlobHash),
+    /// No provider gave a usable manifest.
+    #[error("no provider of blob {hash} gave a usable manifest: {reasons}")]
+    NoManifest {
+        /// Blob.
+        hash: BlobHash,
+        /// What each provider said.
+        reasons: String,
+    },
+    /// The blob is larger than this node accepts.
+    #[error("blob {hash} is {size} bytes, over this node's limit of {limit}")]
+    TooLarge {
+        /// Blob.
+        hash: BlobHash,
+        /// Declared size.
+        size: u64,
+        /// Limit.
+        limit: u64,
+    },
+    /// Every provider failed or misbehaved before the blob was complete.
+    #[error("every provider of blob {hash} failed with {missing} chunks still missing ({reasons}); verified chunks are kept, so retrying resumes")]
+    ProvidersFailed {
+        /// Blob.
+        hash: BlobHash,
+        /// Chunks not yet fetched.
+        missing: usize,
+        /// Last error per provider.
+        reasons: String,
+    },
+    /// The assembled blob never matched its hash.
+    #[error("assembled blob does not match hash {0} with any provider's manifest")]
+    ContentMismatch(BlobHash),
+    /// Local store failure.
+    #[error(transparent)]
+    Store(#[from] BlobError),
+    /// Network task failure.
+    #[error(transparent)]
+    Network(#[from] NetworkError),
+}
+
+/// What a fetch did.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct FetchReport {
+    /// Blob.
+    pub hash: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// Number of chunks.
+    pub chunks: u64,
+    /// Chunks pulled from peers in this fetch.
+    pub chunks_fetched: u64,
+    /// Chunks already on disk from an interrupted fetch, verified and kept.
+    pub chunks_reused: u64,
+    /// Chunks that failed verification (and were fetched again elsewhere).
+    pub corrupt_chunks: u64,
+    /// Providers found.
+    pub providers: Vec<String>,
+    /// Providers dropped for serving bad data or failing.
+    pub bad_providers: Vec<String>,
+    /// The node already held the blob; nothing was fetched.
+    pub already_local: bool,
+    /// Wall time.
+    pub secs: f64,
+}
+
+/// Progress of a fetch in flight, for `/v1/blobs/{hash}/status`.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct FetchProgress {
+    /// Chunks in the blob.
+    pub chunks_total: u64,
+    /// Verified chunks on disk.
+    pub chunks_have: u64,
+}
+
+/// Pulls blobs from the mesh into the local store.
+pub struct Fetcher {
+    store: Arc<BlobStore>,
+    net: NetworkHandle,
+    metrics: Arc<Metrics>,
+    locks: Mutex<HashMap<BlobHash, Arc<tokio::sync::Mutex<()>>>>,
+    progress: Mutex<HashMap<BlobHash, FetchProgress>>,
+}
+
+enum Outcome {
+    Written(usize),
+    Corrupt(String),
+    Missing,
+    Failed(String),
+    LocalIo(std::io::Error),
+}
+
+impl Fetcher {
+    /// A fetcher writing into `store`.
+    pub fn new(store: Arc<BlobStore>, net: NetworkHandle, metrics: Arc<Metrics>) -> Self {
+        Self {
+            store,
+            net,
+            metrics,
+            locks: Mutex::new(HashMap::new()),
+            progress: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Progress of a running fetch of `hash`, if any.
+    pub fn progress(&self, hash: &BlobHash) -> Option<FetchProgress> {
+        self.progress.lock().ok()?.get(hash).copied()
+    }
+
+    fn set_progress(&self, hash: BlobHash, p: Option<FetchProgress>) {
+        if let Ok(mut map) = self.progress.lock() {
+            match p {
+                Some(p) => map.insert(hash, p),
+                None => map.remove(&hash),
+            };
+        }
+    }
+
+    /// Makes sure the blob is held locally, fetching it if needed. Concurrent
+    /// fetches of one blob are serialised; the second finds it complete.
+    pub async fn fetch(&self, hash: BlobHash) -> Result<FetchReport, FetchError> {
+        let lock = {
+            let mut locks = self
+                .locks
+                .lock()
+                .map_err(|_| FetchError::Store(BlobError::Upload("fetch lock poisoned".into())))?;
+            locks.entry(hash).or_default().clone()
+        };
+        let result = {
+            let _guard = lock.lock().await;
+            self.fetch_locked(hash).await
+        };
+        self.set_progress(hash, None);
+        if let Ok(mut locks) = self.locks.lock() {
+            if Arc::strong_count(&lock) == 2 {
+                locks.remove(&hash);
+            }
+        }
+        result
+    }
+
+    async fn fetch_locked(&self, hash: BlobHash) -> Result<FetchReport, FetchError> {
+        let started = Instant::now();
+        let mut report = FetchReport {
+            hash: hash.to_string(),
+            ..Default::default()
+        };
+        if let Some(m) = self.store.manifest(&hash)? {
+            report.size = m.size;
+            report.chunks = m.chunk_count();
+            report.already_local = true;
+            return Ok(report);
+        }
+        let providers = self.net.get_providers(hash).await?;
+        if providers.is_empty() {
+            return Err(FetchError::NoProviders(hash));
+        }
+        report.providers = providers.iter().map(|p| p.to_string()).collect();
+        let mut bad: HashSet<PeerId> = HashSet::new();
+        for _ in 0..MANIFEST_ATTEMPTS {
+            let (manifest, source) = match self.store.partial_manifest(&hash)? {
+                Some(m) => (m, None),
+                None => {
+                    let (m, from) = self.find_manifest(hash, &providers, &bad).await?;
+                    self.store.set_partial_manifest(&hash, &m).await?;
+                    (m, Some(from))
+                }
+            };
+            if manifest.size > self.store.max_blob_size() {
+                self.store.discard_partial(&hash).await?;
+                return Err(FetchError::TooLarge {
+                    hash,
+                    size: manifest.size,
+                    limit: self.store.max_blob_size(),
+                });
+            }
+            report.size = manifest.size;
+            report.chunks = manifest.chunk_count();
+            self.download(hash, &manifest, &providers, &mut bad, &mut report)
+                .await?;
+            let path = self.store.partial_path(&hash);
+            if whole_hash(path).await? == hash {
+                self.store.commit_partial(&hash, &manifest).await?;
+                self.net.start_providing(hash).await?;
+                report.bad_providers = bad.iter().map(|p| p.to_string()).collect();
+                report.secs = started.elapsed().as_secs_f64();
+                tracing::info!(%hash, size = report.size, fetched = report.chunks_fetched,
+                    reused = report.chunks_reused, corrupt = report.corrupt_chunks, "blob fetched");
+                return Ok(report);
+            }
+            // Every chunk matched the manifest but the whole did not match the
+            // hash: the manifest lied. Start over with another provider's, and
+            // forgive the providers whose honest chunks failed the lying hashes.
+            tracing::warn!(%hash, ?source, "assembled blob does not match its hash; discarding manifest");
+            self.store.discard_partial(&hash).await?;
+            bad.clear();
+            bad.extend(source);
+            report.chunks_fetched = 0;
+            report.chunks_reused = 0;
+        }
+        Err(FetchError::ContentMismatch(hash))
+    }
+
+    async fn find_manifest(
+        &self,
+        hash: BlobHash,
+        providers: &[PeerId],
+        bad: &HashSet<PeerId>,
+    ) -> Result<(Manifest, PeerId), FetchError> {
+        let mut reasons = Vec::new();
+        for peer in providers.iter().filter(|p| !bad.contains(p)) {
+            match self
+                .net
+                .blob_request(*peer, BlobRequest::manifest(hash))
+                .await
+            {
+                Ok(res) => match res.body {
+                    ResponseBody::Manifest(m) => match m.validate() {
+                        Ok(()) => return Ok((m, *peer)),
+                        Err(e) => reasons.push(format!("{peer}: {e}")),
+                    },
+                    ResponseBody::NotFound => reasons.push(format!("{peer}: not found")),
+                    ResponseBody::Error { message } => reasons.push(format!("{peer}: {message}")),
+                    ResponseBody::Chunk { .. } => {
+                        reasons.push(format!("{peer}: answered with a chunk"))
+                    }
+                },
+                Err(e) => reasons.push(e.to_string()),
+            }
+        }
+        Err(FetchError::NoManifest {
+            hash,
+            reasons: reasons.join("; "),
+        })
+    }
+
+    async fn download(
+        &self,
+        hash: BlobHash,
+        manifest: &Manifest,
+        providers: &[PeerId],
+        bad: &mut HashSet<PeerId>,
+        report: &mut FetchReport,
+    ) -> Result<(), FetchError> {
+        let path = self.store.partial_path(&hash);
+        let existed = path.exists();
+        let file = {
+            let p = path.clone();
+            let size = manifest.size;
+            tokio::task::spawn_blocking(move || -> std::io::Result<std::fs::File> {
+                let f = std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create(true)
+                    .truncate(false)
+                    .open(&p)?;
+                f.set_len(size)?;
+                Ok(f)
+            })
+            .await
+            .map_err(|e| BlobError::Upload(e.to_string()))?
+            .map_err(|source| BlobError::Io {
+                path: path.clone(),
+                source,
+            })?
+        };
+        let file = Arc::new(file);
+        let total = manifest.chunk_count();
+        let have = if existed {
+            verified_chunks(file.clone(), manifest.clone()).await
+        } else {
+            vec![false; total as usize]
+        };
+        report.chunks_reused = have.iter().filter(|h| **h).count() as u64;
+        let mut have_count = report.chunks_reused;
+        self.set_progress(
+            hash,
+            Some(FetchProgress {
+                chunks_total: total,
+                chunks_have: have_count,
+            }),
+        );
+        let mut missing: VecDeque<u64> = (0..total).filter(|i| !have[*i as usize]).collect();
+
+        let usable: Vec<PeerId> = providers.to_vec();
+        let mut in_flight: HashMap<PeerId, usize> = HashMap::new();
+        let mut failures: HashMap<PeerId, u32> = HashMap::new();
+        let mut reasons: HashMap<PeerId, String> = HashMap::new();
+        let mut next_peer = 0usize;
+        let mut pending = FuturesUnordered::new();
+        loop {
+            // Fill every provider's window, round-robin, so chunks spread evenly.
+            while !missing.is_empty() {
+                let candidate = (0..usable.len())
+                    .map(|k| usable[(next_peer + k) % usable.len()])
+                    .find(|p| {
+                        !bad.contains(p)
+                            && in_flight.get(p).copied().unwrap_or(0) < WINDOW_PER_PROVIDER
+                    });
+                let Some(peer) = candidate else { break };
+                next_peer = next_peer.wrapping_add(1);
+                let Some(index) = missing.pop_front() else {
+                    break;
+                };
+                *in_flight.entry(peer).or_default() += 1;
+                pending.push(self.fetch_chunk(peer, hash, index, manifest, file.clone()));
+            }
+            let Some((peer, index, outcome)) = pending.next().await else {
+                if missing.is_empty() {
+                    break;
+                }
+                let reasons = reasons
+                    .iter()
+                    .map(|(p, r)| format!("{p}: {r}"))
+                    .collect::<Vec<_>>()
+                    .join("; ");
+                return Err(FetchError::ProvidersFailed {
+                    hash,
+                    missing: missing.len(),
+                    reasons,
+                });
+            };
+            if let Some(n) = in_flight.get_mut(&peer) {
+                *n = n.saturating_sub(1);
+            }
+            match outcome {
+                Outcome::Written(len) => {
+                    have_count += 1;
+                    report.chunks_fetched += 1;
+                    self.metrics.blob_chunks_fetched.inc();
+                    self.metrics.blob_bytes_fetched.inc_by(len as u64);
+                    self.set_progress(
+                        hash,
+                        Some(FetchProgress {
+                            chunks_total: total,
+                            chunks_have: have_count,
+                        }),
+                    );
+                }
+                Outcome::Corrupt(why) => {
+                    report.corrupt_chunks += 1;
+                    self.metrics.blob_chunks_corrupt.inc();
+                    tracing::warn!(%peer, %hash, index, %why, "provider served a corrupted chunk; dropping it for this fetch");
+                    bad.insert(peer);
+                    reasons.insert(peer, format!("corrupted chunk {index}"));
+                    missing.push_front(index);
+                }
+                Outcome::Missing => {
+                    bad.insert(peer);
+                    reasons.insert(peer, "does not hold the blob".into());
+                    missing.push_front(index);
+                }
+                Outcome::Failed(why) => {
+                    let n = failures.entry(peer).or_default();
+                    *n += 1;
+                    if *n >= MAX_FAILURES_PER_PROVIDER {
+                        bad.insert(peer);
+                    }
+                    tracing::debug!(%peer, index, %why, "chunk request failed");
+                    reasons.insert(peer, why);
+                    missing.push_back(index);
+                }
+                Outcome::LocalIo(source) => {
+                    return Err(BlobError::Io { path, source }.into());
+                }
+            }
+        }
+        let f = file.clone();
+        tokio::task::spawn_blocking(move || f.sync_all())
+            .await
+            .map_err(|e| BlobError::Upload(e.to_string()))?
+            .map_err(|source| BlobError::Io { path, source })?;
+        Ok(())
+    }
+
+    fn fetch_chunk(
+        &self,
+        peer: PeerId,
+        hash: BlobHash,
+        index: u64,
+        manifest: &Manifest,
+        file: Arc<std::fs::File>,
+    ) -> impl std::future::Future<Output = (PeerId, u64, Outcome)> + 'static {
+        let net = self.net.clone();
+        let expected = manifest.chunk_hash(index);
+        let range = manifest.chunk_range(index);
+        async move {
+            let (Some(expected), Some((offset, len))) = (expected, range) else {
+                return (
+                    peer,
+                    index,
+                    Outcome::Failed("index outside the manifest".into()),
+                );
+            };
+            let res = match net
+                .blob_request(peer, BlobRequest::chunk(hash, index))
+                .await
+            {
+                Ok(res) => res,
+                Err(e) => return (peer, index, Outcome::Failed(e.to_string())),
+            };
+            let data = match res.body {
+                ResponseBody::Chunk { index: got, data } if got == index => data.into_vec(),
+                ResponseBody::Chunk { index: got, .. } => {
+                    return (
+                        peer,
+                        index,
+                        Outcome::Corrupt(format!("answered chunk {got}")),
+                    )
+                }
+                ResponseBody::NotFound => return (peer, index, Outcome::Missing),
+                ResponseBody::Error { message } => return (peer, index, Outcome::Failed(message)),
+                ResponseBody::Manifest(_) => {
+                    return (
+                        peer,
+                        index,
+                        Outcome::Corrupt("answered with a manifest".into()),
+                    )
+                }
+            };
+            // Hash and write off the async threads: 1 MiB of SHA-256 is ~0.5 ms.
+            let outcome = tokio::task::spawn_blocking(move || {
+                if data.len() != len {
+                    return Outcome::Corrupt(format!("{} bytes, expected {len}", data.len()));
+                }
+                if <[u8; 32]>::from(Sha256::digest(&data)) != expected {
+                    return Outcome::Corrupt("SHA-256 mismatch".into());
+                }
+                match file.write_all_at(&data, offset) {
+                    Ok(()) => Outcome::Written(len),
+                    Err(e) => Outcome::LocalIo(e),
+                }
+            })
+            .await
+            .unwrap_or_else(|e| Outcome::LocalIo(std::io::Error::other(e.to_string())));
+            (peer, index, outcome)
+        }
+    }
+}
+
+/// Which chunks of a partial file already match the manifest.
+async fn verified_chunks(file: Arc<std::fs::File>, m: Manifest) -> Vec<bool> {
+    let total = m.chunk_count() as usize;
+    tokio::task::spawn_blocking(move || {
+        let mut buf = vec![0u8; m.chunk_size as usize];
+        (0..total as u64)
+            .map(|i| {
+                let (Some((off, len)), Some(want)) = (m.chunk_range(i), m.chunk_hash(i)) else {
+                    return false;
+                };
+                file.read_exact_at(&mut buf[..len], off).is_ok()
+                    && <[u8; 32]>::from(Sha256::digest(&buf[..len])) == want
+            })
+            .collect()
+    })
+    .await
+    .unwrap_or_else(|_| vec![false; total])
+}
+
+/// SHA-256 of a whole file, streamed.
+async fn whole_hash(path: PathBuf) -> Result<BlobHash, BlobError> {
+    let p = path.clone();
+    tokio::task::spawn_blocking(move || -> std::io::Result<BlobHash> {
+        let mut f = std::fs::File::open(&p)?;
+        let mut h = Sha256::new();
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = f.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            h.update(&buf[..n]);
+        }
+        Ok(BlobHash(h.finalize().into()))
+    })
+    .await
+    .map_err(|e| BlobError::Upload(e.to_string()))?
+    .map_err(|source| BlobError::Io { path, source })
+}

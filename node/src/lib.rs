@@ -1,0 +1,21 @@
+//! The agentmesh node: composition of the mesh, the blob store and the HTTP API,
+//! plus the command-line client. The binary (`main.rs`) is a thin shell over
+//! [`cli`], [`node::run`] and [`client`].
+//!
+//! # Layout
+//! - [`config`]: one [`config::NodeConfig`], from file, env and flags.
+//! - [`network`]: the swarm task and its [`network::NetworkHandle`].
+//! - [`blobs`]: local store, fetcher, server.
+//! - [`api`]: the HTTP API.
+//! - [`node`]: start-up, readiness, shutdown.
+
+pub mod api;
+pub mod blobs;
+pub mod cli;
+pub mod client;
+pub mod config;
+pub mod identity;
+pub mod metrics;
+pub mod network;
+pub mod node;
+pub mod peers;

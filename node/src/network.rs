@@ -1,0 +1,1126 @@
+//! The swarm task: the one owner of the libp2p `Swarm`.
+//!
+//! Everything else talks to it through a cloneable [`NetworkHandle`], which sends a
+//! [`Command`] over a bounded channel with a `oneshot` for the reply. The task
+//! reports what happens on the mesh as [`NodeEvent`]s on a broadcast channel, and
+//! hands inbound blob requests to the blob server over a bounded channel.
+
+use crate::{
+    metrics::Metrics,
+    peers::{now_ms, PeerStatus, PeerStore},
+};
+use agentmesh_protocols::{
+    blob::{BlobHash, BlobRequest, BlobResponse, ResponseBody},
+    Envelope, Kind, MeshBehaviour, MeshBehaviourEvent, MeshConfig, IDENTIFY_PROTOCOL_VERSION,
+    MAX_ENVELOPE_SIZE,
+};
+use futures::StreamExt;
+use libp2p::{
+    core::ConnectedPoint,
+    gossipsub, identify, kad,
+    multiaddr::Protocol,
+    noise, ping, request_response,
+    swarm::{
+        dial_opts::{DialOpts, PeerCondition},
+        ConnectionId, DialError, SwarmEvent,
+    },
+    tcp, yamux, Multiaddr, PeerId, Swarm,
+};
+use serde::Serialize;
+use std::{
+    collections::{HashMap, HashSet},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
+
+/// Depth of the command queue; callers wait (back-pressure) when it is full.
+pub const COMMAND_QUEUE: usize = 1024;
+/// Depth of the queue of inbound blob requests; when full, requests are refused
+/// with a "busy" error rather than queued without bound.
+pub const INBOUND_BLOB_QUEUE: usize = 256;
+/// Longest topic name accepted.
+pub const MAX_TOPIC_LEN: usize = 256;
+/// First redial delay for a known peer; doubles per failure up to [`MAX_BACKOFF`].
+const MIN_BACKOFF: Duration = Duration::from_millis(500);
+/// Longest redial delay.
+const MAX_BACKOFF: Duration = Duration::from_secs(60);
+/// How often the peer manager looks for peers to redial.
+const PEER_TICK: Duration = Duration::from_millis(500);
+
+/// Failures reported to callers of the handle.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum NetworkError {
+    /// The swarm task has stopped (node shutting down).
+    #[error("the network task has stopped")]
+    Stopped,
+    /// Dialing failed.
+    #[error("dial failed: {0}")]
+    Dial(String),
+    /// Topic name refused.
+    #[error("invalid topic {0:?}: topics are 1-{MAX_TOPIC_LEN} printable characters")]
+    InvalidTopic(String),
+    /// Message too large for gossip.
+    #[error("message of {size} bytes exceeds the gossip limit of {limit} bytes")]
+    TooLarge {
+        /// Payload size.
+        size: usize,
+        /// Limit.
+        limit: usize,
+    },
+    /// No peer subscribes to the topic yet.
+    #[error("no connected peer is subscribed to topic {0:?} yet")]
+    NoSubscribers(String),
+    /// The same content was published moments ago.
+    #[error("an identical message was already published")]
+    Duplicate,
+    /// Other publish failure.
+    #[error("publish failed: {0}")]
+    Publish(String),
+    /// A blob request failed.
+    #[error("blob request to {peer} failed: {reason}")]
+    Request {
+        /// Peer asked.
+        peer: PeerId,
+        /// What went wrong.
+        reason: String,
+    },
+}
+
+/// What the mesh tells the rest of the node (and `/v1/events` subscribers).
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum NodeEvent {
+    /// First connection to a peer opened.
+    PeerUp {
+        /// The peer.
+        peer_id: String,
+    },
+    /// Last connection to a peer closed.
+    PeerDown {
+        /// The peer.
+        peer_id: String,
+    },
+    /// A valid gossip message arrived on a subscribed topic.
+    Gossip {
+        /// Topic.
+        topic: String,
+        /// Publisher's peer id.
+        from: String,
+        /// Content-hash id (hex).
+        message_id: String,
+        /// The payload.
+        #[serde(skip)]
+        data: Vec<u8>,
+    },
+}
+
+/// A blob request from a peer, waiting for the blob server's answer.
+pub struct InboundBlobRequest {
+    /// Who asks.
+    pub peer: PeerId,
+    /// What they ask.
+    pub request: BlobRequest,
+    /// Where the answer goes.
+    pub channel: request_response::ResponseChannel<BlobResponse>,
+}
+
+/// This node's view of itself.
+#[derive(Debug, Clone, Serialize)]
+pub struct NetworkStatus {
+    /// Own peer id.
+    pub peer_id: String,
+    /// Addresses we listen on.
+    pub listen_addrs: Vec<String>,
+    /// Peers with an open connection.
+    pub connected_peers: usize,
+}
+
+/// One known peer, as `/v1/peers` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct PeerInfo {
+    /// Peer id.
+    pub peer_id: String,
+    /// Name it announced.
+    pub name: String,
+    /// Addresses we know.
+    pub addrs: Vec<String>,
+    /// Connected or not.
+    pub status: PeerStatus,
+    /// Last time it was connected, ms since the Unix epoch (now, if connected).
+    pub last_seen: u64,
+    /// Latest ping round trip.
+    pub rtt_ms: Option<f64>,
+}
+
+/// Subscribers of one topic, as `/v1/topics/{t}` shows them.
+#[derive(Debug, Clone, Serialize)]
+pub struct TopicInfo {
+    /// Topic.
+    pub topic: String,
+    /// Whether this node subscribes.
+    pub subscribed: bool,
+    /// Connected peers subscribed to it.
+    pub peers: Vec<String>,
+    /// Peers in our gossip mesh for it.
+    pub mesh_peers: Vec<String>,
+}
+
+type Reply<T> = oneshot::Sender<T>;
+
+/// Requests to the swarm task.
+pub enum Command {
+    /// Dial an address.
+    Dial(Multiaddr, Reply<Result<(), NetworkError>>),
+    /// Publish a payload on a topic.
+    Publish(String, Vec<u8>, Reply<Result<String, NetworkError>>),
+    /// Subscribe (reference-counted).
+    Subscribe(String, Reply<Result<(), NetworkError>>),
+    /// Drop one subscription reference.
+    Unsubscribe(String),
+    /// Who subscribes to a topic.
+    Topic(String, Reply<TopicInfo>),
+    /// Find providers of a blob.
+    GetProviders(BlobHash, Reply<Vec<PeerId>>),
+    /// Announce that we provide a blob.
+    StartProviding(BlobHash),
+    /// Send a blob request.
+    BlobRequest(
+        PeerId,
+        BlobRequest,
+        Reply<Result<BlobResponse, NetworkError>>,
+    ),
+    /// Answer an inbound blob request.
+    BlobRespond(
+        request_response::ResponseChannel<BlobResponse>,
+        BlobResponse,
+    ),
+    /// Own status.
+    Status(Reply<NetworkStatus>),
+    /// Every known peer.
+    Peers(Reply<Vec<PeerInfo>>),
+}
+
+/// Cloneable handle to the swarm task.
+#[derive(Clone)]
+pub struct NetworkHandle {
+    tx: mpsc::Sender<Command>,
+    local_peer_id: PeerId,
+}
+
+impl NetworkHandle {
+    async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Result<T, NetworkError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(make(tx))
+            .await
+            .map_err(|_| NetworkError::Stopped)?;
+        rx.await.map_err(|_| NetworkError::Stopped)
+    }
+
+    /// Our own peer id.
+    pub fn local_peer_id(&self) -> PeerId {
+        self.local_peer_id
+    }
+    /// Dials `addr`; resolves when the connection is established or fails.
+    pub async fn dial(&self, addr: Multiaddr) -> Result<(), NetworkError> {
+        self.call(|r| Command::Dial(addr, r)).await?
+    }
+    /// Publishes `data` on `topic`; returns the message id (hex).
+    pub async fn publish(&self, topic: String, data: Vec<u8>) -> Result<String, NetworkError> {
+        self.call(|r| Command::Publish(topic, data, r)).await?
+    }
+    /// Subscribes to `topic` (pair with [`Self::unsubscribe`]).
+    pub async fn subscribe(&self, topic: String) -> Result<(), NetworkError> {
+        self.call(|r| Command::Subscribe(topic, r)).await?
+    }
+    /// Drops one subscription to `topic`.
+    pub async fn unsubscribe(&self, topic: String) {
+        let _ = self.tx.send(Command::Unsubscribe(topic)).await;
+    }
+    /// Subscribers of `topic`.
+    pub async fn topic(&self, topic: String) -> Result<TopicInfo, NetworkError> {
+        self.call(|r| Command::Topic(topic, r)).await
+    }
+    /// Providers of `hash` found through Kademlia (never ourselves).
+    pub async fn get_providers(&self, hash: BlobHash) -> Result<Vec<PeerId>, NetworkError> {
+        self.call(|r| Command::GetProviders(hash, r)).await
+    }
+    /// Announces that this node provides `hash`.
+    pub async fn start_providing(&self, hash: BlobHash) -> Result<(), NetworkError> {
+        self.tx
+            .send(Command::StartProviding(hash))
+            .await
+            .map_err(|_| NetworkError::Stopped)
+    }
+    /// Sends a blob request to `peer`.
+    pub async fn blob_request(
+        &self,
+        peer: PeerId,
+        request: BlobRequest,
+    ) -> Result<BlobResponse, NetworkError> {
+        self.call(|r| Command::BlobRequest(peer, request, r))
+            .await?
+    }
+    /// Answers an inbound blob request.
+    pub async fn blob_respond(
+        &self,
+        channel: request_response::ResponseChannel<BlobResponse>,
+        response: BlobResponse,
+    ) {
+        let _ = self.tx.send(Command::BlobRespond(channel, response)).await;
+    }
+    /// Own status.
+    pub async fn status(&self) -> Result<NetworkStatus, NetworkError> {
+        self.call(Command::Status).await
+    }
+    /// Every known peer.
+    pub async fn peers(&self) -> Result<Vec<PeerInfo>, NetworkError> {
+        self.call(Command::Peers).await
+    }
+}
+
+/// What the node passes to [`spawn`].
+pub struct NetworkParams {
+    /// Identity.
+    pub keypair: libp2p::identity::Keypair,
+    /// Node name, announced in identify.
+    pub name: String,
+    /// Listen addresses.
+    pub listen: Vec<Multiaddr>,
+    /// Addresses to dial until reached.
+    pub bootstrap: Vec<Multiaddr>,
+    /// Persisted peers.
+    pub peers: PeerStore,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Event fan-out.
+    pub events: broadcast::Sender<NodeEvent>,
+    /// Where inbound blob requests go.
+    pub inbound_blobs: mpsc::Sender<InboundBlobRequest>,
+}
+
+/// Readiness facts the node's `/readyz` uses.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Readiness {
+    /// Every listener has reported an address.
+    pub listening: bool,
+    /// Addresses, once listening.
+    pub listen_addrs: Vec<Multiaddr>,
+    /// Connected peers.
+    pub connected_peers: usize,
+}
+
+/// Startup failures.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The transport or behaviour could not be built.
+    #[error("building the libp2p swarm: {0}")]
+    Build(String),
+    /// A listen address was refused.
+    #[error("cannot listen on {addr}: {reason}")]
+    Listen {
+        /// Address.
+        addr: Multiaddr,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// Name announced in identify's agent version: `agentmesh/VERSION name=NAME`.
+pub fn agent_version(name: &str) -> String {
+    format!("agentmesh/{} name={name}", env!("CARGO_PKG_VERSION"))
+}
+
+fn name_from_agent_version(agent: &str) -> String {
+    agent
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("name="))
+        .unwrap_or(agent)
+        .chars()
+        .take(crate::config::MAX_NAME_LEN)
+        .collect()
+}
+
+/// Builds the swarm, starts listening and spawns the task. Returns the handle,
+/// a readiness watch, and the task's join handle (it ends when every handle and
+/// the shutdown sender are dropped or `shutdown` fires).
+pub fn spawn(
+    params: NetworkParams,
+    shutdown: watch::Receiver<bool>,
+) -> Result<
+    (
+        NetworkHandle,
+        watch::Receiver<Readiness>,
+        tokio::task::JoinHandle<()>,
+    ),
+    StartError,
+> {
+    let mesh_cfg = MeshConfig::default().with_agent_version(agent_version(&params.name));
+    let local_peer_id = params.keypair.public().to_peer_id();
+    let behaviour = MeshBehaviour::new(&params.keypair, &mesh_cfg)
+        .map_err(|e| StartError::Build(e.to_string()))?;
+    let mut swarm = libp2p::SwarmBuilder::with_existing_identity(params.keypair.clone())
+        .with_tokio()
+        .with_tcp(
+            tcp::Config::default().nodelay(true),
+            noise::Config::new,
+            yamux::Config::default,
+        )
+        .map_err(|e| StartError::Build(e.to_string()))?
+        .with_quic()
+        .with_dns()
+        .map_err(|e| StartError::Build(e.to_string()))?
+        .with_behaviour(|_| behaviour)
+        .map_err(|e| StartError::Build(e.to_string()))?
+        // Members of a cluster stay connected: gossip, blob fetches and (later)
+        // Raft all need the connection, and the peer manager would only redial a
+        // connection closed for idleness. Dead peers are found by ping instead.
+        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(24 * 3600)))
+        .build();
+
+    let mut listeners = HashSet::new();
+    for addr in &params.listen {
+        let id = swarm
+            .listen_on(addr.clone())
+            .map_err(|e| StartError::Listen {
+                addr: addr.clone(),
+                reason: e.to_string(),
+            })?;
+        listeners.insert(id);
+    }
+
+    let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
+    let (ready_tx, ready_rx) = watch::channel(Readiness::default());
+    let mut task = Task {
+        swarm,
+        commands: rx,
+        shutdown,
+        peers: params.peers,
+        metrics: params.metrics,
+        events: params.events,
+        inbound_blobs: params.inbound_blobs,
+        bootstrap: params
+            .bootstrap
+            .into_iter()
+            .map(|a| (a, Backoff::new()))
+            .collect(),
+        bootstrap_dials: HashMap::new(),
+        pending_listeners: listeners,
+        listen_addrs: Vec::new(),
+        ready: ready_tx,
+        live: HashMap::new(),
+        backoff: HashMap::new(),
+        subscriptions: HashMap::new(),
+        pending_dials: HashMap::new(),
+        pending_providers: HashMap::new(),
+        pending_blob: HashMap::new(),
+        kad_bootstrapped: false,
+    };
+    let join = tokio::spawn(async move { task.run().await });
+    Ok((NetworkHandle { tx, local_peer_id }, ready_rx, join))
+}
+
+/// Exponential redial backoff of one peer or bootstrap address.
+#[derive(Debug, Clone)]
+struct Backoff {
+    next: Instant,
+    delay: Duration,
+    dialing: bool,
+}
+
+impl Backoff {
+    fn new() -> Self {
+        Self {
+            next: Instant::now(),
+            delay: MIN_BACKOFF,
+            dialing: false,
+        }
+    }
+    fn due(&self, now: Instant) -> bool {
+        !self.dialing && now >= self.next
+    }
+    fn failed(&mut self, now: Instant) {
+        self.dialing = false;
+        self.next = now + self.delay;
+        self.delay = (self.delay * 2).min(MAX_BACKOFF);
+    }
+    fn reset(&mut self) {
+        *self = Self::new();
+    }
+}
+
+#[derive(Debug, Default)]
+struct LivePeer {
+    connections: usize,
+    rtt: Option<Duration>,
+}
+
+struct Task {
+    swarm: Swarm<MeshBehaviour>,
+    commands: mpsc::Receiver<Command>,
+    shutdown: watch::Receiver<bool>,
+    peers: PeerStore,
+    metrics: Arc<Metrics>,
+    events: broadcast::Sender<NodeEvent>,
+    inbound_blobs: mpsc::Sender<InboundBlobRequest>,
+    bootstrap: Vec<(Multiaddr, Backoff)>,
+    bootstrap_dials: HashMap<ConnectionId, usize>,
+    pending_listeners: HashSet<libp2p::core::transport::ListenerId>,
+    listen_addrs: Vec<Multiaddr>,
+    ready: watch::Sender<Readiness>,
+    live: HashMap<PeerId, LivePeer>,
+    backoff: HashMap<PeerId, Backoff>,
+    subscriptions: HashMap<String, usize>,
+    pending_dials: HashMap<ConnectionId, Reply<Result<(), NetworkError>>>,
+    pending_providers: HashMap<kad::QueryId, (HashSet<PeerId>, Reply<Vec<PeerId>>)>,
+    pending_blob:
+        HashMap<request_response::OutboundRequestId, Reply<Result<BlobResponse, NetworkError>>>,
+    kad_bootstrapped: bool,
+}
+
+fn valid_topic(topic: &str) -> bool {
+    !topic.is_empty() && topic.len() <= MAX_TOPIC_LEN && !topic.chars().any(char::is_control)
+}
+
+/// Listen addresses worth telling others about (not 0.0.0.0, not memory).
+fn dialable(addr: &Multiaddr) -> bool {
+    !addr.iter().any(|p| match p {
+        Protocol::Ip4(ip) => ip.is_unspecified(),
+        Protocol::Ip6(ip) => ip.is_unspecified(),
+        _ => false,
+    })
+}
+
+impl Task {
+    async fn run(&mut self) {
+        let mut tick = tokio::time::interval(PEER_TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                event = self.swarm.select_next_some() => self.on_swarm_event(event),
+                cmd = self.commands.recv() => match cmd {
+                    Some(cmd) => self.on_command(cmd),
+                    None => break,
+                },
+                _ = tick.tick() => self.redial(),
+                _ = self.shutdown.changed() => break,
+            }
+        }
+        tracing::debug!("network task stopped");
+    }
+
+    fn publish_readiness(&self) {
+        self.ready.send_replace(Readiness {
+            listening: self.pending_listeners.is_empty(),
+            listen_addrs: self.listen_addrs.clone(),
+            connected_peers: self.live.len(),
+        });
+    }
+
+    /// Redials known peers and bootstrap addresses whose backoff has expired.
+    fn redial(&mut self) {
+        let now = Instant::now();
+        for (i, (addr, backoff)) in self.bootstrap.iter_mut().enumerate() {
+            let connected_to_it = addr.iter().any(|p| match p {
+                Protocol::P2p(peer) => self.live.contains_key(&peer),
+                _ => false,
+            });
+            if connected_to_it || !backoff.due(now) {
+                continue;
+            }
+            // A bootstrap address is dialled until its peer is connected (known
+            // from /p2p) or, without /p2p, until any peer is.
+            let has_peer_id = addr.iter().any(|p| matches!(p, Protocol::P2p(_)));
+            if !has_peer_id && !self.live.is_empty() {
+                continue;
+            }
+            backoff.dialing = true;
+            let opts = DialOpts::unknown_peer_id().address(addr.clone()).build();
+            let id = opts.connection_id();
+            match self.swarm.dial(opts) {
+                Ok(()) => {
+                    self.bootstrap_dials.insert(id, i);
+                }
+                Err(e) => {
+                    tracing::debug!(%addr, %e, "bootstrap dial refused");
+                    backoff.failed(now);
+                }
+            }
+        }
+        let known = match self.peers.all() {
+            Ok(all) => all,
+            Err(e) => {
+                tracing::warn!(%e, "cannot read the peer store");
+                return;
+            }
+        };
+        self.metrics.known_peers.set(known.len() as i64);
+        for (peer, rec) in known {
+            if peer == *self.swarm.local_peer_id() || self.live.contains_key(&peer) {
+                continue;
+            }
+            let backoff = self.backoff.entry(peer).or_insert_with(Backoff::new);
+            if !backoff.due(now) {
+                continue;
+            }
+            let addrs: Vec<Multiaddr> = rec.addrs.iter().filter_map(|a| a.parse().ok()).collect();
+            backoff.dialing = true;
+            let opts = DialOpts::peer_id(peer)
+                .addresses(addrs)
+                .condition(PeerCondition::DisconnectedAndNotDialing)
+                .build();
+            if let Err(e) = self.swarm.dial(opts) {
+                if !matches!(e, DialError::DialPeerConditionFalse(_)) {
+                    tracing::debug!(%peer, %e, "redial refused");
+                }
+                backoff.failed(now);
+            }
+        }
+    }
+
+    fn on_command(&mut self, cmd: Command) {
+        match cmd {
+            Command::Dial(addr, reply) => {
+                let opts = DialOpts::unknown_peer_id().address(addr).build();
+                let id = opts.connection_id();
+                match self.swarm.dial(opts) {
+                    Ok(()) => {
+                        self.pending_dials.insert(id, reply);
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(NetworkError::Dial(e.to_string())));
+                    }
+                }
+            }
+            Command::Publish(topic, data, reply) => {
+                let _ = reply.send(self.publish(topic, data));
+            }
+            Command::Subscribe(topic, reply) => {
+                if !valid_topic(&topic) {
+                    let _ = reply.send(Err(NetworkError::InvalidTopic(topic)));
+                    return;
+                }
+                let count = self.subscriptions.entry(topic.clone()).or_insert(0);
+                *count += 1;
+                let result = if *count == 1 {
+                    self.swarm
+                        .behaviour_mut()
+                        .gossipsub
+                        .subscribe(&gossipsub::IdentTopic::new(topic))
+                        .map(|_| ())
+                        .map_err(|e| NetworkError::Publish(e.to_string()))
+                } else {
+                    Ok(())
+                };
+                let _ = reply.send(result);
+            }
+            Command::Unsubscribe(topic) => {
+                if let Some(count) = self.subscriptions.get_mut(&topic) {
+                    *count = count.saturating_sub(1);
+                    if *count == 0 {
+                        self.subscriptions.remove(&topic);
+                        self.swarm
+                            .behaviour_mut()
+                            .gossipsub
+                            .unsubscribe(&gossipsub::IdentTopic::new(topic));
+                    }
+                }
+            }
+            Command::Topic(topic, reply) => {
+                let hash = gossipsub::IdentTopic::new(topic.clone()).hash();
+                let g = &self.swarm.behaviour().gossipsub;
+                let peers = g
+                    .all_peers()
+                    .filter(|(_, topics)| topics.contains(&&hash))
+                    .map(|(p, _)| p.to_string())
+                    .collect();
+                let mesh_peers = g.mesh_peers(&hash).map(|p| p.to_string()).collect();
+                let _ = reply.send(TopicInfo {
+                    subscribed: self.subscriptions.contains_key(&topic),
+                    topic,
+                    peers,
+                    mesh_peers,
+                });
+            }
+            Command::GetProviders(hash, reply) => {
+                let id = self
+                    .swarm
+                    .behaviour_mut()
+                    .kad
+                    .get_providers(hash.provider_key());
+                self.pending_providers.insert(id, (HashSet::new(), reply));
+            }
+            Command::StartProviding(hash) => {
+                if let Err(e) = self
+                    .swarm
+                    .behaviour_mut()
+                    .kad
+                    .start_providing(hash.provider_key())
+                {
+                    tracing::warn!(%hash, %e, "cannot announce blob");
+                }
+            }
+            Command::BlobRequest(peer, request, reply) => {
+                let id = self.swarm.behaviour_mut().blob.send_request(&peer, request);
+                self.pending_blob.insert(id, reply);
+            }
+            Command::BlobRespond(channel, response) => {
+                if let ResponseBody::Chunk { data, .. } = &response.body {
+                    self.metrics.blob_bytes_served.inc_by(data.len() as u64);
+                }
+                // Fails only if the requester has gone away; nothing to do then.
+                let _ = self
+                    .swarm
+                    .behaviour_mut()
+                    .blob
+                    .send_response(channel, response);
+            }
+            Command::Status(reply) => {
+                let _ = reply.send(NetworkStatus {
+                    peer_id: self.swarm.local_peer_id().to_string(),
+                    listen_addrs: self.listen_addrs.iter().map(|a| a.to_string()).collect(),
+                    connected_peers: self.live.len(),
+                });
+            }
+            Command::Peers(reply) => {
+                let mut out: Vec<PeerInfo> = match self.peers.all() {
+                    Ok(all) => all
+                        .into_iter()
+                        .filter(|(p, _)| p != self.swarm.local_peer_id())
+                        .map(|(peer, rec)| {
+                            let live = self.live.get(&peer);
+                            PeerInfo {
+                                peer_id: peer.to_string(),
+                                name: rec.name,
+                                addrs: rec.addrs,
+                                status: if live.is_some() {
+                                    PeerStatus::Active
+                                } else {
+                                    PeerStatus::Inactive
+                                },
+                                last_seen: if live.is_some() {
+                                    now_ms()
+                                } else {
+                                    rec.last_seen_ms
+                                },
+                                rtt_ms: live
+                                    .and_then(|l| l.rtt)
+                                    .map(|d| (d.as_secs_f64() * 1e6).round() / 1e3),
+                            }
+                        })
+                        .collect(),
+                    Err(e) => {
+                        tracing::warn!(%e, "cannot read the peer store");
+                        Vec::new()
+                    }
+                };
+                out.sort_by(|a, b| a.name.cmp(&b.name).then(a.peer_id.cmp(&b.peer_id)));
+                let _ = reply.send(out);
+            }
+        }
+    }
+
+    fn publish(&mut self, topic: String, data: Vec<u8>) -> Result<String, NetworkError> {
+        if !valid_topic(&topic) {
+            return Err(NetworkError::InvalidTopic(topic));
+        }
+        let size = data.len();
+        let env = Envelope::new(
+            Kind::Publish,
+            *self.swarm.local_peer_id(),
+            None,
+            now_ms(),
+            data,
+        );
+        let bytes = env.encode().map_err(|_| NetworkError::TooLarge {
+            size,
+            limit: MAX_ENVELOPE_SIZE,
+        })?;
+        match self
+            .swarm
+            .behaviour_mut()
+            .gossipsub
+            .publish(gossipsub::IdentTopic::new(topic.clone()), bytes)
+        {
+            Ok(_) => {
+                self.metrics.gossip_published.inc();
+                Ok(env.id().to_string())
+            }
+            Err(gossipsub::PublishError::NoPeersSubscribedToTopic) => {
+                Err(NetworkError::NoSubscribers(topic))
+            }
+            Err(gossipsub::PublishError::Duplicate) => Err(NetworkError::Duplicate),
+            Err(gossipsub::PublishError::MessageTooLarge) => Err(NetworkError::TooLarge {
+                size,
+                limit: MAX_ENVELOPE_SIZE,
+            }),
+            Err(e) => Err(NetworkError::Publish(e.to_string())),
+        }
+    }
+
+    fn on_swarm_event(&mut self, event: SwarmEvent<MeshBehaviourEvent>) {
+        match event {
+            SwarmEvent::NewListenAddr {
+                listener_id,
+                address,
+            } => {
+                tracing::info!(%address, "listening");
+                self.listen_addrs.push(address);
+                self.pending_listeners.remove(&listener_id);
+                self.publish_readiness();
+            }
+            SwarmEvent::ExpiredListenAddr { address, .. } => {
+                self.listen_addrs.retain(|a| a != &address);
+                self.publish_readiness();
+            }
+            SwarmEvent::ListenerClosed {
+                listener_id,
+                reason,
+                ..
+            } => {
+                tracing::warn!(?listener_id, ?reason, "listener closed");
+            }
+            SwarmEvent::ConnectionEstablished {
+                peer_id,
+                connection_id,
+                endpoint,
+                num_established,
+                ..
+            } => self.on_connected(peer_id, connection_id, endpoint, num_established.get()),
+            SwarmEvent::ConnectionClosed {
+                peer_id,
+                num_established,
+                cause,
+                ..
+            } => {
+                if num_established == 0 {
+                    tracing::info!(%peer_id, ?cause, "peer down");
+                    self.live.remove(&peer_id);
+                    self.backoff
+                        .entry(peer_id)
+                        .or_insert_with(Backoff::new)
+                        .failed(Instant::now());
+                    let _ = self.peers.update(&peer_id, |r| {
+                        r.status = PeerStatus::Inactive;
+                        r.last_seen_ms = now_ms();
+                    });
+                    self.metrics.connected_peers.set(self.live.len() as i64);
+                    let _ = self.events.send(NodeEvent::PeerDown {
+                        peer_id: peer_id.to_string(),
+                    });
+                    self.publish_readiness();
+                } else if let Some(l) = self.live.get_mut(&peer_id) {
+                    l.connections = num_established as usize;
+                }
+            }
+            SwarmEvent::OutgoingConnectionError {
+                connection_id,
+                peer_id,
+                error,
+            } => {
+                let now = Instant::now();
+                if let Some(reply) = self.pending_dials.remove(&connection_id) {
+                    let _ = reply.send(Err(NetworkError::Dial(error.to_string())));
+                }
+                if let Some(peer) = peer_id {
+                    if !self.live.contains_key(&peer) {
+                        if let Some(b) = self.backoff.get_mut(&peer) {
+                            b.failed(now);
+                        }
+                    }
+                }
+                if let Some(i) = self.bootstrap_dials.remove(&connection_id) {
+                    if let Some((addr, b)) = self.bootstrap.get_mut(i) {
+                        tracing::info!(%addr, %error, "bootstrap peer unreachable; will retry");
+                        b.failed(now);
+                    }
+                }
+                tracing::debug!(?peer_id, %error, "outgoing connection failed");
+            }
+            SwarmEvent::IncomingConnectionError { error, .. } => {
+                tracing::debug!(%error, "incoming connection failed");
+            }
+            SwarmEvent::Behaviour(ev) => self.on_behaviour_event(ev),
+            _ => {}
+        }
+    }
+
+    fn on_connected(
+        &mut self,
+        peer: PeerId,
+        connection_id: ConnectionId,
+        endpoint: ConnectedPoint,
+        num_established: u32,
+    ) {
+        if let Some(reply) = self.pending_dials.remove(&connection_id) {
+            let _ = reply.send(Ok(()));
+        }
+        self.backoff
+            .entry(peer)
+            .or_insert_with(Backoff::new)
+            .reset();
+        if let Some(i) = self.bootstrap_dials.remove(&connection_id) {
+            if let Some((_, b)) = self.bootstrap.get_mut(i) {
+                b.reset();
+            }
+        }
+        let entry = self.live.entry(peer).or_default();
+        entry.connections = num_established as usize;
+        if num_established == 1 {
+            tracing::info!(%peer, addr = %endpoint.get_remote_address(), "peer up");
+            let dialed = endpoint
+                .is_dialer()
+                .then(|| endpoint.get_remote_address().clone());
+            let _ = self.peers.update(&peer, |r| {
+                r.status = PeerStatus::Active;
+                r.last_seen_ms = now_ms();
+                if let Some(a) = dialed {
+                    PeerStore::merge_addrs(r, [strip_p2p(a)]);
+                }
+            });
+            self.metrics.connected_peers.set(self.live.len() as i64);
+            let _ = self.events.send(NodeEvent::PeerUp {
+                peer_id: peer.to_string(),
+            });
+            self.publish_readiness();
+        }
+        if !self.kad_bootstrapped {
+            // Our first connection: walk the DHT towards our own id, which finds
+            // the rest of the mesh (and tells it about us).
+            self.kad_bootstrapped = self.swarm.behaviour_mut().kad.bootstrap().is_ok();
+        }
+    }
+
+    fn on_behaviour_event(&mut self, event: MeshBehaviourEvent) {
+        match event {
+            MeshBehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. }) => {
+                self.on_identified(peer_id, info)
+            }
+            MeshBehaviourEvent::Ping(ping::Event {
+                peer,
+                connection,
+                result,
+            }) => match result {
+                Ok(rtt) => {
+                    if let Some(l) = self.live.get_mut(&peer) {
+                        l.rtt = Some(rtt);
+                    }
+                }
+                Err(e) => {
+                    // Ping is our liveness probe: a connection that cannot carry a
+                    // ping is dead even if the socket has not noticed yet.
+                    tracing::info!(%peer, %e, "ping failed; closing the connection");
+                    self.swarm.close_connection(connection);
+                }
+            },
+            MeshBehaviourEvent::Kad(ev) => self.on_kad_event(ev),
+            MeshBehaviourEvent::Gossipsub(ev) => self.on_gossip_event(ev),
+            MeshBehaviourEvent::Blob(ev) => self.on_blob_event(ev),
+            _ => {}
+        }
+    }
+
+    fn on_identified(&mut self, peer: PeerId, info: identify::Info) {
+        let is_agentmesh = info.protocol_version == IDENTIFY_PROTOCOL_VERSION;
+        let addrs: Vec<Multiaddr> = info
+            .listen_addrs
+            .into_iter()
+            .filter(dialable)
+            .map(strip_p2p)
+            .collect();
+        // Identify feeds Kademlia: the peer's own listen addresses, not the
+        // ephemeral port it happened to dial us from.
+        if info.protocols.contains(&kad::PROTOCOL_NAME) {
+            for a in &addrs {
+                self.swarm.behaviour_mut().kad.add_address(&peer, a.clone());
+            }
+        }
+        let name = if is_agentmesh {
+            name_from_agent_version(&info.agent_version)
+        } else {
+            info.agent_version.chars().take(64).collect()
+        };
+        let _ = self.peers.update(&peer, |r| {
+            r.name = name;
+            r.last_seen_ms = now_ms();
+            PeerStore::merge_addrs(r, addrs);
+        });
+    }
+
+    fn on_kad_event(&mut self, event: kad::Event) {
+        match event {
+            // A peer found through the DHT joins the peer store, so the peer
+            // manager connects to it and keeps it connected.
+            kad::Event::RoutingUpdated {
+                peer, addresses, ..
+            } if peer != *self.swarm.local_peer_id() => {
+                let _ = self.peers.update(&peer, |r| {
+                    PeerStore::merge_addrs(r, addresses.iter().cloned().map(strip_p2p));
+                });
+            }
+            kad::Event::OutboundQueryProgressed {
+                id,
+                result: kad::QueryResult::GetProviders(res),
+                step,
+                ..
+            } => {
+                let local = *self.swarm.local_peer_id();
+                if let (
+                    Some((found, _)),
+                    Ok(kad::GetProvidersOk::FoundProviders { providers, .. }),
+                ) = (self.pending_providers.get_mut(&id), res)
+                {
+                    found.extend(providers.into_iter().filter(|p| *p != local));
+                }
+                if step.last {
+                    if let Some((found, reply)) = self.pending_providers.remove(&id) {
+                        let _ = reply.send(found.into_iter().collect());
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn on_gossip_event(&mut self, event: gossipsub::Event) {
+        let gossipsub::Event::Message {
+            propagation_source,
+            message_id,
+            message,
+        } = event
+        else {
+            return;
+        };
+        let verdict = match Envelope::decode(&message.data, MAX_ENVELOPE_SIZE) {
+            Ok(env) if message.source == Some(env.sender()) && env.kind() == Kind::Publish => {
+                Ok(env)
+            }
+            Ok(env) => Err(format!(
+                "envelope sender {} is not the signing peer {:?}",
+                env.sender(),
+                message.source
+            )),
+            Err(e) => Err(e.to_string()),
+        };
+        let acceptance = match verdict {
+            Ok(env) => {
+                self.metrics.gossip_received.inc();
+                let _ = self.events.send(NodeEvent::Gossip {
+                    topic: message.topic.into_string(),
+                    from: env.sender().to_string(),
+                    message_id: env.id().to_string(),
+                    data: env.into_payload(),
+                });
+                gossipsub::MessageAcceptance::Accept
+            }
+            Err(reason) => {
+                self.metrics.gossip_rejected.inc();
+                tracing::debug!(from = %propagation_source, %reason, "rejected gossip message");
+                gossipsub::MessageAcceptance::Reject
+            }
+        };
+        let _ = self
+            .swarm
+            .behaviour_mut()
+            .gossipsub
+            .report_message_validation_result(&message_id, &propagation_source, acceptance);
+    }
+
+    fn on_blob_event(&mut self, event: request_response::Event<BlobRequest, BlobResponse>) {
+        match event {
+            request_response::Event::Message { peer, message, .. } => match message {
+                request_response::Message::Request {
+                    request, channel, ..
+                } => {
+                    let inbound = InboundBlobRequest {
+                        peer,
+                        request,
+                        channel,
+                    };
+                    if let Err(mpsc::error::TrySendError::Full(r)) =
+                        self.inbound_blobs.try_send(inbound)
+                    {
+                        self.metrics.blob_requests_shed.inc();
+                        let busy = BlobResponse::new(ResponseBody::Error {
+                            message: "busy: serving queue full, retry later".into(),
+                        });
+                        let _ = self
+                            .swarm
+                            .behaviour_mut()
+                            .blob
+                            .send_response(r.channel, busy);
+                    }
+                }
+                request_response::Message::Response {
+                    request_id,
+                    response,
+                } => {
+                    if let Some(reply) = self.pending_blob.remove(&request_id) {
+                        let _ = reply.send(Ok(response));
+                    }
+                }
+            },
+            request_response::Event::OutboundFailure {
+                peer,
+                request_id,
+                error,
+                ..
+            } => {
+                if let Some(reply) = self.pending_blob.remove(&request_id) {
+                    let _ = reply.send(Err(NetworkError::Request {
+                        peer,
+                        reason: error.to_string(),
+                    }));
+                }
+            }
+            request_response::Event::InboundFailure { peer, error, .. } => {
+                tracing::debug!(%peer, %error, "inbound blob request failed");
+            }
+            request_response::Event::ResponseSent { .. } => {}
+        }
+    }
+}
+
+fn strip_p2p(mut addr: Multiaddr) -> Multiaddr {
+    if matches!(addr.iter().last(), Some(Protocol::P2p(_))) {
+        addr.pop();
+    }
+    addr
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip_through_the_agent_version() {
+        assert_eq!(name_from_agent_version(&agent_version("node-7")), "node-7");
+        assert_eq!(
+            name_from_agent_version("rust-libp2p/0.1"),
+            "rust-libp2p/0.1"
+        );
+    }
+
+    #[test]
+    fn backoff_doubles_and_caps() {
+        let mut b = Backoff::new();
+        let now = Instant::now();
+        assert!(b.due(now));
+        for _ in 0..20 {
+            b.failed(now);
+        }
+        assert_eq!(b.delay, MAX_BACKOFF);
+        assert!(!b.due(now));
+        b.reset();
+        assert!(b.due(Instant::now()));
+    }
+
+    #[test]
+    fn topics_are_checked() {
+        assert!(valid_topic("jobs"));
+        assert!(!valid_topic(""));
+        assert!(!valid_topic("a\nb"));
+        assert!(!valid_topic(&"x".repeat(MAX_TOPIC_LEN + 1)));
+    }
+}

@@ -1,0 +1,39 @@
+//! Wire types and libp2p behaviours of the agentmesh mesh.
+//!
+//! This crate holds what crosses the network and nothing that decides policy:
+//!
+//! - [`Envelope`]: the versioned CBOR envelope every agentmesh message travels in
+//!   (gossip today, direct messages later), decoded with a size limit and checked
+//!   against its content-hash id.
+//! - [`blob`]: the content-addressed blob protocol (`/agentmesh/blob/1.0.0`):
+//!   manifest and chunk requests over request-response, with a length-prefixed CBOR
+//!   codec whose limits are raised explicitly for chunks.
+//! - [`MeshBehaviour`]: one behaviour composing identify, ping, Kademlia, gossipsub,
+//!   the blob protocol and connection limits, every knob set explicitly in
+//!   [`MeshConfig`].
+//!
+//! # Usage
+//!
+//! ```
+//! use agentmesh_protocols::{Envelope, Kind};
+//! use libp2p::identity::Keypair;
+//!
+//! let sender = Keypair::generate_ed25519().public().to_peer_id();
+//! let env = Envelope::new(Kind::Publish, sender, None, 1_700_000_000_000, b"hello".to_vec());
+//! let bytes = env.encode().unwrap();
+//! let back = Envelope::decode(&bytes, agentmesh_protocols::MAX_ENVELOPE_SIZE).unwrap();
+//! assert_eq!(back.id(), env.id());
+//! ```
+
+#[allow(missing_docs)] // the NetworkBehaviour derive generates an undocumented event enum
+mod behaviour;
+pub mod blob;
+mod codec;
+mod envelope;
+
+pub use behaviour::{
+    gossip_message_id, BehaviourError, MeshBehaviour, MeshBehaviourEvent, MeshConfig,
+    IDENTIFY_PROTOCOL_VERSION,
+};
+pub use codec::{CborCodec, CodecLimits};
+pub use envelope::{Envelope, EnvelopeError, Kind, MessageId, ENVELOPE_VERSION, MAX_ENVELOPE_SIZE};
