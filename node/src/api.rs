@@ -21,6 +21,7 @@ use axum::{
 };
 use base64::Engine as _;
 use bytes::Bytes;
+use futures::StreamExt;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::{collections::HashSet, sync::Arc};
@@ -29,6 +30,11 @@ use tokio::sync::{broadcast, watch};
 /// Largest body accepted by `POST /v1/topics/{topic}/messages`: what fits in one
 /// envelope after its own fields (sender, id, timestamp).
 pub const MAX_PUBLISH_BODY: usize = MAX_ENVELOPE_SIZE - 1024;
+
+/// Bytes of an over-limit body read and thrown away before answering 413, so
+/// the client, still sending, gets to read the answer instead of a reset.
+/// Larger bodies are cut off with the connection.
+pub const MAX_DRAIN: usize = 8 << 20;
 
 /// Shared state of the API handlers.
 pub struct ApiState {
@@ -119,7 +125,7 @@ pub fn router(state: Shared) -> Router {
         .route("/v1/peers", get(peers))
         .route(
             "/v1/topics/{topic}/messages",
-            post(publish).layer(DefaultBodyLimit::max(MAX_PUBLISH_BODY)),
+            post(publish).layer(DefaultBodyLimit::disable()),
         )
         .route("/v1/topics/{topic}", get(topic))
         .route("/v1/events", get(events))
@@ -132,6 +138,7 @@ pub fn router(state: Shared) -> Router {
         .route("/v1/blobs/{hash}", get(get_blob))
         .route("/v1/blobs/{hash}/fetch", post(fetch_blob))
         .route("/v1/blobs/{hash}/status", get(blob_status))
+        .route("/v1/blobs/{hash}/providers", get(blob_providers))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_key));
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
@@ -213,11 +220,36 @@ async fn peers(State(s): State<Shared>) -> Result<Json<Value>, ApiError> {
     ))
 }
 
+/// Reads a body of at most `limit` bytes; a larger one is drained (up to
+/// [`MAX_DRAIN`]) and refused with 413.
+async fn read_limited(body: Body, limit: usize) -> Result<Bytes, ApiError> {
+    let mut stream = body.into_data_stream();
+    let mut buf = bytes::BytesMut::new();
+    let mut seen = 0usize;
+    while let Some(piece) = stream.next().await {
+        let piece = piece.map_err(|e| ApiError::bad_request(format!("reading the body: {e}")))?;
+        seen += piece.len();
+        if seen <= limit {
+            buf.extend_from_slice(&piece);
+        } else if seen > limit + MAX_DRAIN {
+            break;
+        }
+    }
+    if seen > limit {
+        return Err(ApiError(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("body exceeds the limit of {limit} bytes"),
+        ));
+    }
+    Ok(buf.freeze())
+}
+
 async fn publish(
     State(s): State<Shared>,
     Path(topic): Path<String>,
-    body: Bytes,
+    body: Body,
 ) -> Result<Json<Value>, ApiError> {
+    let body = read_limited(body, MAX_PUBLISH_BODY).await?;
     if body.is_empty() {
         return Err(ApiError::bad_request(
             "empty message: send the message as the request body",
@@ -383,6 +415,23 @@ async fn blob_status(
         "absent"
     };
     Ok(Json(json!({"hash": hash.to_string(), "state": state})))
+}
+
+async fn blob_providers(
+    State(s): State<Shared>,
+    Path(hash): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let hash = parse_hash(&hash)?;
+    let providers: Vec<String> = s
+        .net
+        .get_providers(hash)
+        .await?
+        .iter()
+        .map(|p| p.to_string())
+        .collect();
+    Ok(Json(
+        json!({ "hash": hash.to_string(), "providers": providers }),
+    ))
 }
 
 async fn get_blob(State(s): State<Shared>, Path(hash): Path<String>) -> Result<Response, ApiError> {

@@ -907,6 +907,9 @@ impl Task {
                         l.rtt = Some(rtt);
                     }
                 }
+                // A peer that does not speak ping (another libp2p implementation
+                // may not) is not dead; we just cannot probe it this way.
+                Err(ping::Failure::Unsupported) => {}
                 Err(e) => {
                     // Ping is our liveness probe: a connection that cannot carry a
                     // ping is dead even if the socket has not noticed yet.
@@ -946,6 +949,9 @@ impl Task {
             r.last_seen_ms = now_ms();
             PeerStore::merge_addrs(r, addrs);
         });
+        // New addresses are what a restarted node needs to find this peer again;
+        // get them to disk now rather than at sled's next periodic flush.
+        self.peers.flush_in_background();
     }
 
     fn on_kad_event(&mut self, event: kad::Event) {

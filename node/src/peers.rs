@@ -2,7 +2,13 @@
 
 use libp2p::{Multiaddr, PeerId};
 use serde::{Deserialize, Serialize};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::{
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::{SystemTime, UNIX_EPOCH},
+};
 
 /// Most addresses remembered per peer; identify may report many (one per interface).
 pub const MAX_ADDRS_PER_PEER: usize = 16;
@@ -50,6 +56,7 @@ pub enum PeerStoreError {
 #[derive(Clone)]
 pub struct PeerStore {
     tree: sled::Tree,
+    flushing: Arc<AtomicBool>,
 }
 
 /// Milliseconds since the Unix epoch.
@@ -66,6 +73,7 @@ impl PeerStore {
     pub fn open(db: &sled::Db) -> Result<Self, PeerStoreError> {
         let store = Self {
             tree: db.open_tree("peers")?,
+            flushing: Arc::new(AtomicBool::new(false)),
         };
         for (peer, mut rec) in store.all()? {
             if rec.status != PeerStatus::Inactive {
@@ -126,6 +134,21 @@ impl PeerStore {
         f(&mut rec);
         self.put(peer, &rec)?;
         Ok(rec)
+    }
+
+    /// Starts a flush to disk without waiting for it (the swarm task must not
+    /// block on an fsync); at most one is in flight.
+    pub fn flush_in_background(&self) {
+        if self.flushing.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let (tree, flag) = (self.tree.clone(), self.flushing.clone());
+        tokio::spawn(async move {
+            if let Err(e) = tree.flush_async().await {
+                tracing::warn!(%e, "flushing the peer store failed");
+            }
+            flag.store(false, Ordering::Release);
+        });
     }
 
     /// Adds addresses (most recent first, deduplicated, capped).

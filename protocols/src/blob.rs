@@ -333,6 +333,11 @@ pub fn decode_response(bytes: &[u8]) -> io::Result<BlobResponse> {
     decode_frame(bytes, MAX_RESPONSE_FRAME)
 }
 
+/// Encodes a request frame body.
+pub fn encode_request(req: &BlobRequest) -> io::Result<Vec<u8>> {
+    encode_frame(req, MAX_REQUEST_FRAME)
+}
+
 /// Encodes a response frame body.
 pub fn encode_response(res: &BlobResponse) -> io::Result<Vec<u8>> {
     encode_frame(res, MAX_RESPONSE_FRAME)

@@ -1,1 +1,402 @@
-//! x
+//! Harness for multi-node tests: real `agentmesh` processes on 127.0.0.1 with
+//! port 0, each in its own data dir under a test's temp dir, logs kept beside it
+//! and printed when a test fails. Waits are on conditions with deadlines, never
+//! fixed sleeps.
+//!
+//! Set `AGENTMESH_TEST_LOGS=1` to print each node's log tail when it is dropped
+//! (tests returning `Err` drop their nodes before the failure is reported).
+//!
+//! The binary is found through `AGENTMESH_BIN`, else next to the test executable
+//! (`target/<profile>/agentmesh`); build it first (`cargo build -p agentmesh`).
+
+use anyhow::{anyhow, bail, Context, Result};
+use nix::{sys::signal::Signal, unistd::Pid};
+use serde_json::Value;
+use std::{
+    future::Future,
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    time::{Duration, Instant},
+};
+
+/// Default deadline for a node to become ready.
+pub const START_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Path of the `agentmesh` binary under test.
+pub fn binary() -> Result<PathBuf> {
+    if let Ok(p) = std::env::var("AGENTMESH_BIN") {
+        return Ok(PathBuf::from(p));
+    }
+    let exe = std::env::current_exe()?;
+    // target/<profile>/deps/<test> -> target/<profile>/agentmesh
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .ok_or_else(|| anyhow!("unexpected test executable path {}", exe.display()))?;
+    let bin = dir.join("agentmesh");
+    if !bin.exists() {
+        bail!(
+            "{} not found: build it first with `cargo build -p agentmesh` (or set AGENTMESH_BIN)",
+            bin.display()
+        );
+    }
+    Ok(bin)
+}
+
+/// What a running node wrote to `node.json`.
+#[derive(Debug, Clone)]
+pub struct RuntimeInfo {
+    /// Peer id.
+    pub peer_id: String,
+    /// API address, HOST:PORT.
+    pub api: String,
+    /// libp2p listen addresses.
+    pub listen_addrs: Vec<String>,
+}
+
+/// A running node process.
+pub struct Node {
+    /// Name, also its data dir's name under the cluster root.
+    pub name: String,
+    /// Data dir.
+    pub data_dir: PathBuf,
+    /// Log file (stdout and stderr).
+    pub log: PathBuf,
+    /// What the node reported when ready.
+    pub info: RuntimeInfo,
+    child: Option<Child>,
+    http: reqwest::Client,
+}
+
+/// Polls `check` until it returns true or `timeout` passes.
+pub async fn wait_until<F, Fut>(what: &str, timeout: Duration, mut check: F) -> Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<bool>>,
+{
+    let deadline = Instant::now() + timeout;
+    let mut last_err = None;
+    loop {
+        match check().await {
+            Ok(true) => return Ok(()),
+            Ok(false) => {}
+            Err(e) => last_err = Some(e),
+        }
+        if Instant::now() > deadline {
+            return Err(match last_err {
+                Some(e) => e.context(format!("timed out after {timeout:?} waiting for {what}")),
+                None => anyhow!("timed out after {timeout:?} waiting for {what}"),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Standard per-node arguments: loopback, port 0 for everything.
+pub fn loopback_args() -> Vec<String> {
+    [
+        "--listen",
+        "/ip4/127.0.0.1/tcp/0",
+        "--listen",
+        "/ip4/127.0.0.1/udp/0/quic-v1",
+        "--api",
+        "127.0.0.1:0",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+impl Node {
+    /// Starts `name` with data dir `root/name` and `extra` flags; listen and API
+    /// addresses default to loopback port 0 unless `extra` sets them.
+    pub async fn start(root: &Path, name: &str, extra: &[String]) -> Result<Self> {
+        let mut args = vec!["start".to_string(), "--name".into(), name.into()];
+        let defaults = loopback_args();
+        for pair in defaults.chunks(2) {
+            if !extra.contains(&pair[0]) {
+                args.extend_from_slice(pair);
+            }
+        }
+        args.extend_from_slice(extra);
+        Self::spawn(root, name, &args).await
+    }
+
+    /// Starts the binary with exactly `args` (plus `--data-dir`), waits for `node.json`.
+    pub async fn spawn(root: &Path, name: &str, args: &[String]) -> Result<Self> {
+        let data_dir = root.join(name);
+        std::fs::create_dir_all(&data_dir)?;
+        let runtime = data_dir.join("node.json");
+        let _ = std::fs::remove_file(&runtime);
+        let log = root.join(format!("{name}.log"));
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)?;
+        let child = Command::new(binary()?)
+            .args(args)
+            .arg("--data-dir")
+            .arg(&data_dir)
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info,libp2p=warn".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .spawn()
+            .context("spawning agentmesh")?;
+        let pid = child.id();
+        let mut node = Self {
+            name: name.to_string(),
+            data_dir,
+            log,
+            info: RuntimeInfo {
+                peer_id: String::new(),
+                api: String::new(),
+                listen_addrs: vec![],
+            },
+            child: Some(child),
+            http: reqwest::Client::new(),
+        };
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            if let Some(status) = node
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                bail!(
+                    "{name} exited during start-up with {status}:\n{}",
+                    node.log_tail()
+                );
+            }
+            if let Ok(text) = std::fs::read_to_string(&runtime) {
+                let v: Value = serde_json::from_str(&text)?;
+                if v["pid"].as_u64() == Some(u64::from(pid)) {
+                    node.info = RuntimeInfo {
+                        peer_id: v["peer_id"].as_str().unwrap_or_default().to_string(),
+                        api: v["api"].as_str().unwrap_or_default().to_string(),
+                        listen_addrs: v["listen_addrs"]
+                            .as_array()
+                            .map(|a| {
+                                a.iter()
+                                    .filter_map(|x| x.as_str().map(String::from))
+                                    .collect()
+                            })
+                            .unwrap_or_default(),
+                    };
+                    return Ok(node);
+                }
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "{name} did not become ready in {START_TIMEOUT:?}:\n{}",
+                    node.log_tail()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// The node's TCP multiaddr with `/p2p/PEER_ID`, for `--bootstrap`.
+    pub fn tcp_addr(&self) -> String {
+        self.addr_with("/tcp/")
+    }
+
+    /// The node's QUIC multiaddr with `/p2p/PEER_ID`.
+    pub fn quic_addr(&self) -> String {
+        self.addr_with("/quic-v1")
+    }
+
+    fn addr_with(&self, needle: &str) -> String {
+        let a = self
+            .info
+            .listen_addrs
+            .iter()
+            .find(|a| a.contains(needle))
+            .cloned()
+            .unwrap_or_default();
+        format!("{a}/p2p/{}", self.info.peer_id)
+    }
+
+    /// Full URL of an API path.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.info.api)
+    }
+
+    /// An HTTP client.
+    pub fn http(&self) -> &reqwest::Client {
+        &self.http
+    }
+
+    /// GET a JSON document; errors on non-2xx.
+    pub async fn get_json(&self, path: &str) -> Result<Value> {
+        let res = self.http.get(self.url(path)).send().await?;
+        let status = res.status();
+        let body = res.text().await?;
+        if !status.is_success() {
+            bail!("GET {path}: HTTP {status}: {body}");
+        }
+        Ok(serde_json::from_str(&body)?)
+    }
+
+    /// Peers this node reports as `active`, by peer id.
+    pub async fn active_peers(&self) -> Result<Vec<String>> {
+        let peers = self.get_json("/v1/peers").await?;
+        Ok(peers
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|p| p["status"] == "active")
+            .filter_map(|p| p["peer_id"].as_str().map(String::from))
+            .collect())
+    }
+
+    /// Runs a client command against this node (`--api` appended).
+    pub fn cli(&self, args: &[&str]) -> Result<Output> {
+        Ok(Command::new(binary()?)
+            .args(args)
+            .arg("--api")
+            .arg(&self.info.api)
+            .stdin(Stdio::null())
+            .output()?)
+    }
+
+    /// Process id.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Sends a signal.
+    pub fn signal(&self, sig: Signal) -> Result<()> {
+        let pid = self
+            .pid()
+            .ok_or_else(|| anyhow!("{} is not running", self.name))?;
+        nix::sys::signal::kill(Pid::from_raw(pid as i32), sig)?;
+        Ok(())
+    }
+
+    /// SIGTERM, then waits for exit; returns the exit code.
+    pub async fn stop(&mut self) -> Result<Option<i32>> {
+        self.signal(Signal::SIGTERM)?;
+        self.wait_exit(Duration::from_secs(15)).await
+    }
+
+    /// SIGKILL, then waits for exit.
+    pub async fn kill(&mut self) -> Result<()> {
+        self.signal(Signal::SIGKILL)?;
+        self.wait_exit(Duration::from_secs(15)).await?;
+        Ok(())
+    }
+
+    /// Waits for the process to exit; returns its exit code.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> Result<Option<i32>> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let child = self.child.as_mut().ok_or_else(|| anyhow!("not running"))?;
+            if let Some(status) = child.try_wait()? {
+                self.child = None;
+                return Ok(status.code());
+            }
+            if Instant::now() > deadline {
+                bail!("{} did not exit within {timeout:?}", self.name);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// The last lines of the node's log.
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if std::thread::panicking() || std::env::var_os("AGENTMESH_TEST_LOGS").is_some() {
+            eprintln!("---- log of {} ----\n{}", self.name, self.log_tail());
+        }
+    }
+}
+
+/// Starts `n` nodes named `{prefix}{i}`, each bootstrapping from the previous one
+/// (a chain: node i knows only node i-1).
+pub async fn start_chain(
+    root: &Path,
+    prefix: &str,
+    n: usize,
+    extra: &[String],
+) -> Result<Vec<Node>> {
+    let mut nodes: Vec<Node> = Vec::with_capacity(n);
+    for i in 0..n {
+        let mut args = extra.to_vec();
+        if let Some(prev) = nodes.last() {
+            args.push("--bootstrap".into());
+            args.push(prev.tcp_addr());
+        }
+        nodes.push(Node::start(root, &format!("{prefix}{i}"), &args).await?);
+    }
+    Ok(nodes)
+}
+
+/// Waits until every node reports every other node as active.
+pub async fn wait_full_mesh(nodes: &[Node], timeout: Duration) -> Result<()> {
+    for node in nodes {
+        let want: Vec<String> = nodes
+            .iter()
+            .filter(|n| n.info.peer_id != node.info.peer_id)
+            .map(|n| n.info.peer_id.clone())
+            .collect();
+        wait_until(
+            &format!("{} to see all {} others", node.name, want.len()),
+            timeout,
+            || async {
+                let active = node.active_peers().await?;
+                Ok(want.iter().all(|p| active.contains(p)))
+            },
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+/// Pseudo-random bytes from a seed (xorshift), for test blobs without a rand dep.
+pub fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// Writes `data` to a fresh file under `dir`.
+pub fn write_file(dir: &Path, name: &str, data: &[u8]) -> Result<PathBuf> {
+    let p = dir.join(name);
+    std::fs::write(&p, data)?;
+    Ok(p)
+}
+
+/// Checks a command succeeded, returning its stdout.
+pub fn ok_stdout(out: &Output) -> Result<String> {
+    if !out.status.success() {
+        bail!(
+            "command failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).to_string())
+}
