@@ -565,6 +565,9 @@ impl Task {
                 continue;
             }
             let addrs: Vec<Multiaddr> = rec.addrs.iter().filter_map(|a| a.parse().ok()).collect();
+            if addrs.is_empty() {
+                continue;
+            }
             backoff.dialing = true;
             let opts = DialOpts::peer_id(peer)
                 .addresses(addrs)
@@ -869,16 +872,22 @@ impl Task {
         entry.connections = num_established as usize;
         if num_established == 1 {
             tracing::info!(%peer, addr = %endpoint.get_remote_address(), "peer up");
+            // A peer enters the store only once we know how to reach it: we dialled
+            // it, or identify or Kademlia gave us its listen addresses. A one-off
+            // inbound client is never redialled.
             let dialed = endpoint
                 .is_dialer()
                 .then(|| endpoint.get_remote_address().clone());
-            let _ = self.peers.update(&peer, |r| {
-                r.status = PeerStatus::Active;
-                r.last_seen_ms = now_ms();
-                if let Some(a) = dialed {
-                    PeerStore::merge_addrs(r, [strip_p2p(a)]);
-                }
-            });
+            let known = matches!(self.peers.get(&peer), Ok(Some(_)));
+            if known || dialed.is_some() {
+                let _ = self.peers.update(&peer, |r| {
+                    r.status = PeerStatus::Active;
+                    r.last_seen_ms = now_ms();
+                    if let Some(a) = dialed {
+                        PeerStore::merge_addrs(r, [strip_p2p(a)]);
+                    }
+                });
+            }
             self.metrics.connected_peers.set(self.live.len() as i64);
             let _ = self.events.send(NodeEvent::PeerUp {
                 peer_id: peer.to_string(),
@@ -939,6 +948,9 @@ impl Task {
                 self.swarm.behaviour_mut().kad.add_address(&peer, a.clone());
             }
         }
+        if addrs.is_empty() {
+            return;
+        }
         let name = if is_agentmesh {
             name_from_agent_version(&info.agent_version)
         } else {
@@ -946,6 +958,7 @@ impl Task {
         };
         let _ = self.peers.update(&peer, |r| {
             r.name = name;
+            r.status = PeerStatus::Active;
             r.last_seen_ms = now_ms();
             PeerStore::merge_addrs(r, addrs);
         });
@@ -961,7 +974,11 @@ impl Task {
             kad::Event::RoutingUpdated {
                 peer, addresses, ..
             } if peer != *self.swarm.local_peer_id() => {
+                let active = self.live.contains_key(&peer);
                 let _ = self.peers.update(&peer, |r| {
+                    if active {
+                        r.status = PeerStatus::Active;
+                    }
                     PeerStore::merge_addrs(r, addresses.iter().cloned().map(strip_p2p));
                 });
             }

@@ -319,5 +319,8 @@ async fn garbage_on_the_wire_is_refused_without_harm() -> Result<()> {
         || async { Ok(node.http().get(node.url("/healthz")).send().await?.status() == 200) },
     )
     .await?;
+    // A one-off client with no listen address is not a peer to remember.
+    let peers = node.get_json("/v1/peers").await?;
+    assert_eq!(peers.as_array().map(Vec::len), Some(0), "{peers}");
     Ok(())
 }
