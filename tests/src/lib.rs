@@ -328,7 +328,7 @@ impl Drop for Node {
 }
 
 /// Starts `n` nodes named `{prefix}{i}`, each bootstrapping from the previous one
-/// (a chain: node i knows only node i-1).
+/// (a chain: node i knows only node i-1), alternately over TCP and QUIC.
 pub async fn start_chain(
     root: &Path,
     prefix: &str,
@@ -340,7 +340,11 @@ pub async fn start_chain(
         let mut args = extra.to_vec();
         if let Some(prev) = nodes.last() {
             args.push("--bootstrap".into());
-            args.push(prev.tcp_addr());
+            args.push(if i % 2 == 0 {
+                prev.quic_addr()
+            } else {
+                prev.tcp_addr()
+            });
         }
         nodes.push(Node::start(root, &format!("{prefix}{i}"), &args).await?);
     }

@@ -152,3 +152,23 @@ async fn gossip_limits_are_enforced() -> Result<()> {
     assert_eq!(res.status(), 503);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn event_stream_reports_peers_going_down() -> Result<()> {
+    let root = tempfile::tempdir()?;
+    let mut nodes = start_chain(root.path(), "e", 2, &[]).await?;
+    wait_full_mesh(&nodes, Duration::from_secs(20)).await?;
+    let (mut ws, _) =
+        tokio_tungstenite::connect_async(format!("ws://{}/v1/events", nodes[0].info.api)).await?;
+    assert_eq!(next_json(&mut ws).await?["type"], "subscribed");
+    let gone = nodes[1].info.peer_id.clone();
+    nodes[1].kill().await?;
+    loop {
+        let ev = next_json(&mut ws).await?;
+        if ev["type"] == "peer_down" {
+            assert_eq!(ev["peer_id"], gone.as_str());
+            break;
+        }
+    }
+    Ok(())
+}

@@ -100,3 +100,57 @@ async fn sigint_also_shuts_down_cleanly() -> Result<()> {
     assert_eq!(a.wait_exit(Duration::from_secs(15)).await?, Some(0));
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn env_twins_and_json_logs() -> Result<()> {
+    let root = tempfile::tempdir()?;
+    let data = root.path().join("envnode");
+    let log = root.path().join("envnode.log");
+    let out = std::fs::File::create(&log)?;
+    let mut child = std::process::Command::new(agentmesh_tests::binary()?)
+        .arg("start")
+        .env("AGENTMESH_NAME", "from-env")
+        .env("AGENTMESH_DATA_DIR", &data)
+        .env(
+            "AGENTMESH_LISTEN",
+            "/ip4/127.0.0.1/tcp/0,/ip4/127.0.0.1/udp/0/quic-v1",
+        )
+        .env("AGENTMESH_API", "127.0.0.1:0")
+        .env("AGENTMESH_LOG_FORMAT", "json")
+        .env("RUST_LOG", "info")
+        .stdout(out.try_clone()?)
+        .stderr(out)
+        .spawn()?;
+    let runtime = data.join("node.json");
+    let result = wait_until(
+        "the env-configured node",
+        Duration::from_secs(20),
+        || async { Ok(runtime.exists()) },
+    )
+    .await;
+    let info: serde_json::Value = match result {
+        Ok(()) => serde_json::from_str(&std::fs::read_to_string(&runtime)?)?,
+        Err(e) => {
+            let _ = child.kill();
+            return Err(e.context(std::fs::read_to_string(&log).unwrap_or_default()));
+        }
+    };
+    assert_eq!(info["name"], "from-env");
+    assert_eq!(info["listen_addrs"].as_array().map(Vec::len), Some(2));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )?;
+    assert_eq!(child.wait()?.code(), Some(0));
+    let text = std::fs::read_to_string(&log)?;
+    assert!(!text.trim().is_empty());
+    for line in text.lines() {
+        let v: serde_json::Value =
+            serde_json::from_str(line).map_err(|e| anyhow::anyhow!("not JSON: {line}: {e}"))?;
+        assert!(
+            v.get("level").is_some() && v.get("fields").is_some(),
+            "{line}"
+        );
+    }
+    Ok(())
+}
