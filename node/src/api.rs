@@ -288,23 +288,41 @@ async fn events(
         .map(String::from)
         .collect();
     // Subscribe before upgrading so a bad topic is a 400, not a closed socket.
-    let mut subscribed = Vec::new();
+    // The guard releases the subscriptions however this ends: an error here, a
+    // failed upgrade (the callback never runs), or the socket closing.
+    let mut guard = Subscriptions {
+        net: s.net.clone(),
+        topics: Vec::new(),
+    };
     for t in &topics {
-        if let Err(e) = s.net.subscribe(t.clone()).await {
-            for done in subscribed {
-                s.net.unsubscribe(done).await;
-            }
-            return Err(e.into());
-        }
-        subscribed.push(t.clone());
+        s.net.subscribe(t.clone()).await?;
+        guard.topics.push(t.clone());
     }
     let rx = s.events.subscribe();
     Ok(ws.on_upgrade(move |socket| async move {
-        stream_events(socket, rx, &topics).await;
-        for t in topics {
-            s.net.unsubscribe(t).await;
-        }
+        stream_events(socket, rx, &guard.topics).await;
+        drop(guard);
     }))
+}
+
+/// Topic subscriptions held for one event stream, released on drop.
+struct Subscriptions {
+    net: NetworkHandle,
+    topics: Vec<String>,
+}
+
+impl Drop for Subscriptions {
+    fn drop(&mut self) {
+        let (net, topics) = (self.net.clone(), std::mem::take(&mut self.topics));
+        if topics.is_empty() {
+            return;
+        }
+        tokio::spawn(async move {
+            for t in topics {
+                net.unsubscribe(t).await;
+            }
+        });
+    }
 }
 
 /// The JSON form of an event; gossip data as UTF-8 text, or base64 when not text.

@@ -7,4 +7,4 @@ mod store;
 
 pub use fetch::{FetchError, FetchProgress, FetchReport, Fetcher};
 pub use serve::serve;
-pub use store::{BlobError, BlobStore, BlobSummary, PutResult};
+pub use store::{BlobError, BlobStore, BlobSummary, PartialFetch, PutResult};

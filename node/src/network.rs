@@ -450,6 +450,18 @@ impl Backoff {
     }
 }
 
+/// A provider lookup in flight.
+struct ProviderQuery {
+    found: HashSet<PeerId>,
+    first_found: Option<Instant>,
+    reply: Reply<Vec<PeerId>>,
+}
+
+/// How long a provider lookup keeps collecting after its first provider: long
+/// enough for the other replies of that round, far shorter than a full query
+/// that waits out dead routing-table entries.
+const PROVIDER_GRACE: Duration = Duration::from_millis(300);
+
 #[derive(Debug, Default)]
 struct LivePeer {
     connections: usize,
@@ -473,7 +485,7 @@ struct Task {
     backoff: HashMap<PeerId, Backoff>,
     subscriptions: HashMap<String, usize>,
     pending_dials: HashMap<ConnectionId, Reply<Result<(), NetworkError>>>,
-    pending_providers: HashMap<kad::QueryId, (HashSet<PeerId>, Reply<Vec<PeerId>>)>,
+    pending_providers: HashMap<kad::QueryId, ProviderQuery>,
     pending_blob:
         HashMap<request_response::OutboundRequestId, Reply<Result<BlobResponse, NetworkError>>>,
     kad_bootstrapped: bool,
@@ -496,6 +508,8 @@ impl Task {
     async fn run(&mut self) {
         let mut tick = tokio::time::interval(PEER_TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut provider_tick = tokio::time::interval(PROVIDER_GRACE / 3);
+        provider_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 event = self.swarm.select_next_some() => self.on_swarm_event(event),
@@ -504,6 +518,7 @@ impl Task {
                     None => break,
                 },
                 _ = tick.tick() => self.redial(),
+                _ = provider_tick.tick() => self.finish_provider_queries(),
                 _ = self.shutdown.changed() => break,
             }
         }
@@ -516,6 +531,26 @@ impl Task {
             listen_addrs: self.listen_addrs.clone(),
             connected_peers: self.live.len(),
         });
+    }
+
+    /// Answers provider lookups that have found someone and had their grace
+    /// period, and stops their queries.
+    fn finish_provider_queries(&mut self) {
+        let now = Instant::now();
+        let ready: Vec<kad::QueryId> = self
+            .pending_providers
+            .iter()
+            .filter(|(_, q)| q.first_found.is_some_and(|t| now >= t + PROVIDER_GRACE))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in ready {
+            if let Some(q) = self.pending_providers.remove(&id) {
+                let _ = q.reply.send(q.found.into_iter().collect());
+            }
+            if let Some(mut query) = self.swarm.behaviour_mut().kad.query_mut(&id) {
+                query.finish();
+            }
+        }
     }
 
     /// Redials known peers and bootstrap addresses whose backoff has expired.
@@ -604,18 +639,22 @@ impl Task {
                     let _ = reply.send(Err(NetworkError::InvalidTopic(topic)));
                     return;
                 }
-                let count = self.subscriptions.entry(topic.clone()).or_insert(0);
-                *count += 1;
-                let result = if *count == 1 {
-                    self.swarm
-                        .behaviour_mut()
-                        .gossipsub
-                        .subscribe(&gossipsub::IdentTopic::new(topic))
-                        .map(|_| ())
-                        .map_err(|e| NetworkError::Publish(e.to_string()))
-                } else {
-                    Ok(())
-                };
+                if let Some(count) = self.subscriptions.get_mut(&topic) {
+                    *count += 1;
+                    let _ = reply.send(Ok(()));
+                    return;
+                }
+                let result = self
+                    .swarm
+                    .behaviour_mut()
+                    .gossipsub
+                    .subscribe(&gossipsub::IdentTopic::new(topic.clone()))
+                    .map(|_| ())
+                    .map_err(|e| NetworkError::Publish(e.to_string()));
+                // Counted only once the subscription really exists.
+                if result.is_ok() {
+                    self.subscriptions.insert(topic, 1);
+                }
                 let _ = reply.send(result);
             }
             Command::Unsubscribe(topic) => {
@@ -652,7 +691,14 @@ impl Task {
                     .behaviour_mut()
                     .kad
                     .get_providers(hash.provider_key());
-                self.pending_providers.insert(id, (HashSet::new(), reply));
+                self.pending_providers.insert(
+                    id,
+                    ProviderQuery {
+                        found: HashSet::new(),
+                        first_found: None,
+                        reply,
+                    },
+                );
             }
             Command::StartProviding(hash) => {
                 if let Err(e) = self
@@ -948,14 +994,14 @@ impl Task {
                 self.swarm.behaviour_mut().kad.add_address(&peer, a.clone());
             }
         }
-        if addrs.is_empty() {
+        // The peer store is the list of mesh members to keep connected: other
+        // libp2p peers may still route and gossip with us, but are not
+        // remembered or redialled.
+        if !is_agentmesh || addrs.is_empty() {
+            let _ = self.peers.remove(&peer);
             return;
         }
-        let name = if is_agentmesh {
-            name_from_agent_version(&info.agent_version)
-        } else {
-            info.agent_version.chars().take(64).collect()
-        };
+        let name = name_from_agent_version(&info.agent_version);
         let _ = self.peers.update(&peer, |r| {
             r.name = name;
             r.status = PeerStatus::Active;
@@ -973,7 +1019,7 @@ impl Task {
             // manager connects to it and keeps it connected.
             kad::Event::RoutingUpdated {
                 peer, addresses, ..
-            } if peer != *self.swarm.local_peer_id() => {
+            } if peer != *self.swarm.local_peer_id() && self.peers.has_room_for(&peer) => {
                 let active = self.live.contains_key(&peer);
                 let _ = self.peers.update(&peer, |r| {
                     if active {
@@ -989,16 +1035,18 @@ impl Task {
                 ..
             } => {
                 let local = *self.swarm.local_peer_id();
-                if let (
-                    Some((found, _)),
-                    Ok(kad::GetProvidersOk::FoundProviders { providers, .. }),
-                ) = (self.pending_providers.get_mut(&id), res)
+                if let (Some(q), Ok(kad::GetProvidersOk::FoundProviders { providers, .. })) =
+                    (self.pending_providers.get_mut(&id), res)
                 {
-                    found.extend(providers.into_iter().filter(|p| *p != local));
+                    q.found
+                        .extend(providers.into_iter().filter(|p| *p != local));
+                    if !q.found.is_empty() && q.first_found.is_none() {
+                        q.first_found = Some(Instant::now());
+                    }
                 }
                 if step.last {
-                    if let Some((found, reply)) = self.pending_providers.remove(&id) {
-                        let _ = reply.send(found.into_iter().collect());
+                    if let Some(q) = self.pending_providers.remove(&id) {
+                        let _ = q.reply.send(q.found.into_iter().collect());
                     }
                 }
             }
@@ -1065,9 +1113,7 @@ impl Task {
                         self.inbound_blobs.try_send(inbound)
                     {
                         self.metrics.blob_requests_shed.inc();
-                        let busy = BlobResponse::new(ResponseBody::Error {
-                            message: "busy: serving queue full, retry later".into(),
-                        });
+                        let busy = BlobResponse::new(ResponseBody::Busy);
                         let _ = self
                             .swarm
                             .behaviour_mut()

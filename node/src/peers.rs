@@ -12,6 +12,10 @@ use std::{
 
 /// Most addresses remembered per peer; identify may report many (one per interface).
 pub const MAX_ADDRS_PER_PEER: usize = 16;
+/// Most peers remembered. Peers learnt from the DHT beyond this are not stored
+/// (they can still be reached through Kademlia), so a flood of fake identities
+/// cannot grow the store without bound.
+pub const MAX_KNOWN_PEERS: usize = 4096;
 
 /// Whether we currently hold a connection to the peer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -107,6 +111,18 @@ impl PeerStore {
             }
         }
         Ok(out)
+    }
+
+    /// Whether `peer` is already stored or there is room for it.
+    pub fn has_room_for(&self, peer: &PeerId) -> bool {
+        self.tree.len() < MAX_KNOWN_PEERS
+            || matches!(self.tree.contains_key(peer.to_bytes()), Ok(true))
+    }
+
+    /// Forgets a peer.
+    pub fn remove(&self, peer: &PeerId) -> Result<(), PeerStoreError> {
+        self.tree.remove(peer.to_bytes())?;
+        Ok(())
     }
 
     /// Writes a record.

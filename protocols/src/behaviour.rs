@@ -62,10 +62,13 @@ impl Default for MeshConfig {
             // One 1 MiB chunk should take milliseconds; 60 s covers a slow WAN link
             // and a large (4 MiB) chunk without hanging forever on a dead peer.
             blob_request_timeout: Duration::from_secs(60),
-            max_streams_per_connection: 256,
+            // Blob streams in flight per connection. A fetcher keeps 8 in flight
+            // per provider; each open stream can pin a response of up to 4 MiB
+            // until it is read, so this bounds what one peer can make us hold.
+            max_streams_per_connection: 16,
             max_established: 1024,
             // A TCP and a QUIC connection may race when two peers dial each other.
-            max_established_per_peer: 4,
+            max_established_per_peer: 2,
             max_pending_incoming: 256,
         }
     }
@@ -136,12 +139,23 @@ pub struct MeshBehaviour {
 }
 
 /// Gossip message id: the envelope's content hash when the data is a valid
-/// envelope, else SHA-256 of the raw data (such messages fail validation anyway).
-/// Content ids make a message republished by another path a duplicate.
+/// envelope signed by its own sender; otherwise SHA-256 over the signer and the
+/// raw data (such messages fail validation anyway). Content ids make a message
+/// that arrives by several paths a duplicate. Binding the fallback to the signer
+/// stops a peer from re-signing someone else's envelope to get its id marked as
+/// seen (gossipsub records ids before validation) and so suppress the original.
 pub fn gossip_message_id(message: &gossipsub::Message) -> gossipsub::MessageId {
     match Envelope::decode(&message.data, MAX_ENVELOPE_SIZE) {
-        Ok(env) => gossipsub::MessageId::new(&env.id().0),
-        Err(_) => gossipsub::MessageId::new(&Sha256::digest(&message.data)),
+        Ok(env) if message.source == Some(env.sender()) => gossipsub::MessageId::new(&env.id().0),
+        _ => {
+            let mut h = Sha256::new();
+            h.update(b"agentmesh/gossip-unverified/v1");
+            if let Some(source) = &message.source {
+                h.update(source.to_bytes());
+            }
+            h.update(&message.data);
+            gossipsub::MessageId::new(&h.finalize())
+        }
     }
 }
 
@@ -227,5 +241,33 @@ impl MeshBehaviour {
             gossipsub,
             blob,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Kind;
+
+    fn message(source: Option<libp2p::PeerId>, data: Vec<u8>) -> gossipsub::Message {
+        gossipsub::Message {
+            source,
+            data,
+            sequence_number: Some(1),
+            topic: gossipsub::IdentTopic::new("t").hash(),
+        }
+    }
+
+    #[test]
+    fn id_is_the_envelope_id_only_when_its_sender_signed_it() {
+        let a = Keypair::generate_ed25519().public().to_peer_id();
+        let mallory = Keypair::generate_ed25519().public().to_peer_id();
+        let env = Envelope::new(Kind::Publish, a, None, 1, b"hi".to_vec());
+        let data = env.encode().unwrap();
+        let genuine = gossip_message_id(&message(Some(a), data.clone()));
+        assert_eq!(genuine.0, env.id().0.to_vec());
+        // Re-signed by someone else: a different id, so it cannot shadow the original.
+        let resigned = gossip_message_id(&message(Some(mallory), data));
+        assert_ne!(resigned, genuine);
     }
 }

@@ -306,6 +306,8 @@ pub enum ResponseBody {
     },
     /// This peer does not hold the blob (or the chunk index is out of range).
     NotFound,
+    /// The peer is serving too many requests; retry after a pause.
+    Busy,
     /// The peer could not serve the request, with a reason.
     Error {
         /// Human-readable reason.

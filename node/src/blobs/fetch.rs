@@ -25,8 +25,15 @@ use std::{
 /// Chunk requests kept in flight per provider: enough to keep a loopback or LAN
 /// link busy while one chunk is being hashed and written.
 pub(crate) const WINDOW_PER_PROVIDER: usize = 8;
-/// Failed requests (timeouts, "busy") after which a provider is dropped for this fetch.
-const MAX_FAILURES_PER_PROVIDER: u32 = 5;
+/// Consecutive failed requests (timeouts, resets) after which a provider is
+/// dropped for this fetch. Twice the window, so one dropped connection (which
+/// fails every request in flight at once) does not ban a provider by itself.
+const MAX_CONSECUTIVE_FAILURES: u32 = 2 * WINDOW_PER_PROVIDER as u32;
+/// Pause before asking a provider again after it said it was busy.
+const BUSY_PAUSE: std::time::Duration = std::time::Duration::from_millis(200);
+/// Distinct providers whose chunks must fail the manifest before the manifest,
+/// rather than the providers, is blamed.
+const SUSPECT_MANIFEST_AFTER: usize = 2;
 /// Attempts with a fresh manifest when the assembled blob does not match its hash.
 const MANIFEST_ATTEMPTS: usize = 3;
 
@@ -122,9 +129,23 @@ enum Outcome {
     Written(usize),
     Corrupt(String),
     Missing,
+    Busy,
     Failed(String),
     LocalIo(std::io::Error),
+    /// A paused provider may be asked again.
+    Resume,
 }
+
+/// How a download pass ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum DownloadEnd {
+    /// Every chunk is on disk and matched the manifest.
+    Complete,
+    /// Chunks from several providers failed the manifest: the manifest is suspect.
+    ManifestSuspect,
+}
+
+type Pending = std::pin::Pin<Box<dyn std::future::Future<Output = (PeerId, u64, Outcome)> + Send>>;
 
 impl Fetcher {
     /// A fetcher writing into `store`.
@@ -164,9 +185,14 @@ impl Fetcher {
         };
         let result = {
             let _guard = lock.lock().await;
+            // Clears the progress entry however the fetch ends, including when
+            // the caller drops it (an HTTP client that went away).
+            let _progress = ProgressGuard {
+                fetcher: self,
+                hash,
+            };
             self.fetch_locked(hash).await
         };
-        self.set_progress(hash, None);
         if let Ok(mut locks) = self.locks.lock() {
             if Arc::strong_count(&lock) == 2 {
                 locks.remove(&hash);
@@ -195,10 +221,12 @@ impl Fetcher {
         let mut bad: HashSet<PeerId> = HashSet::new();
         for _ in 0..MANIFEST_ATTEMPTS {
             let (manifest, source) = match self.store.partial_manifest(&hash)? {
-                Some(m) => (m, None),
+                Some((m, from)) => (m, from.and_then(|b| PeerId::from_bytes(&b).ok())),
                 None => {
                     let (m, from) = self.find_manifest(hash, &providers, &bad).await?;
-                    self.store.set_partial_manifest(&hash, &m).await?;
+                    self.store
+                        .set_partial_manifest(&hash, &m, Some(from.to_bytes()))
+                        .await?;
                     (m, Some(from))
                 }
             };
@@ -212,10 +240,11 @@ impl Fetcher {
             }
             report.size = manifest.size;
             report.chunks = manifest.chunk_count();
-            self.download(hash, &manifest, &providers, &mut bad, &mut report)
+            let end = self
+                .download(hash, &manifest, &providers, &mut bad, &mut report)
                 .await?;
             let path = self.store.partial_path(&hash);
-            if whole_hash(path).await? == hash {
+            if end == DownloadEnd::Complete && whole_hash(path).await? == hash {
                 self.store.commit_partial(&hash, &manifest).await?;
                 self.net.start_providing(hash).await?;
                 report.bad_providers = bad.iter().map(|p| p.to_string()).collect();
@@ -224,10 +253,11 @@ impl Fetcher {
                     reused = report.chunks_reused, corrupt = report.corrupt_chunks, "blob fetched");
                 return Ok(report);
             }
-            // Every chunk matched the manifest but the whole did not match the
-            // hash: the manifest lied. Start over with another provider's, and
-            // forgive the providers whose honest chunks failed the lying hashes.
-            tracing::warn!(%hash, ?source, "assembled blob does not match its hash; discarding manifest");
+            // Either every chunk matched the manifest but the whole did not match
+            // the hash, or several providers' chunks failed it: the manifest
+            // lied. Start over with another provider's, and forgive the providers
+            // whose honest chunks failed the lying hashes.
+            tracing::warn!(%hash, ?source, ?end, "blob does not match its manifest; discarding the manifest");
             self.store.discard_partial(&hash).await?;
             bad.clear();
             bad.extend(source);
@@ -256,6 +286,7 @@ impl Fetcher {
                         Err(e) => reasons.push(format!("{peer}: {e}")),
                     },
                     ResponseBody::NotFound => reasons.push(format!("{peer}: not found")),
+                    ResponseBody::Busy => reasons.push(format!("{peer}: busy")),
                     ResponseBody::Error { message } => reasons.push(format!("{peer}: {message}")),
                     ResponseBody::Chunk { .. } => {
                         reasons.push(format!("{peer}: answered with a chunk"))
@@ -277,7 +308,7 @@ impl Fetcher {
         providers: &[PeerId],
         bad: &mut HashSet<PeerId>,
         report: &mut FetchReport,
-    ) -> Result<(), FetchError> {
+    ) -> Result<DownloadEnd, FetchError> {
         let path = self.store.partial_path(&hash);
         let existed = path.exists();
         let file = {
@@ -309,28 +340,29 @@ impl Fetcher {
         };
         report.chunks_reused = have.iter().filter(|h| **h).count() as u64;
         let mut have_count = report.chunks_reused;
-        self.set_progress(
-            hash,
-            Some(FetchProgress {
-                chunks_total: total,
-                chunks_have: have_count,
-            }),
-        );
+        let progress = |have| FetchProgress {
+            chunks_total: total,
+            chunks_have: have,
+        };
+        self.set_progress(hash, Some(progress(have_count)));
         let mut missing: VecDeque<u64> = (0..total).filter(|i| !have[*i as usize]).collect();
 
-        let usable: Vec<PeerId> = providers.to_vec();
         let mut in_flight: HashMap<PeerId, usize> = HashMap::new();
         let mut failures: HashMap<PeerId, u32> = HashMap::new();
+        let mut paused: HashSet<PeerId> = HashSet::new();
+        let mut corrupters: HashSet<PeerId> = HashSet::new();
         let mut reasons: HashMap<PeerId, String> = HashMap::new();
         let mut next_peer = 0usize;
-        let mut pending = FuturesUnordered::new();
+        let mut pending: FuturesUnordered<Pending> = FuturesUnordered::new();
         loop {
-            // Fill every provider's window, round-robin, so chunks spread evenly.
-            while !missing.is_empty() {
-                let candidate = (0..usable.len())
-                    .map(|k| usable[(next_peer + k) % usable.len()])
+            // Fill every usable provider's window, round-robin, so chunks spread
+            // evenly and a slow provider holds at most its window.
+            while !missing.is_empty() && !providers.is_empty() {
+                let candidate = (0..providers.len())
+                    .map(|k| providers[(next_peer + k) % providers.len()])
                     .find(|p| {
                         !bad.contains(p)
+                            && !paused.contains(p)
                             && in_flight.get(p).copied().unwrap_or(0) < WINDOW_PER_PROVIDER
                     });
                 let Some(peer) = candidate else { break };
@@ -339,7 +371,13 @@ impl Fetcher {
                     break;
                 };
                 *in_flight.entry(peer).or_default() += 1;
-                pending.push(self.fetch_chunk(peer, hash, index, manifest, file.clone()));
+                pending.push(Box::pin(self.fetch_chunk(
+                    peer,
+                    hash,
+                    index,
+                    manifest,
+                    file.clone(),
+                )));
             }
             let Some((peer, index, outcome)) = pending.next().await else {
                 if missing.is_empty() {
@@ -356,40 +394,54 @@ impl Fetcher {
                     reasons,
                 });
             };
-            if let Some(n) = in_flight.get_mut(&peer) {
-                *n = n.saturating_sub(1);
+            if !matches!(outcome, Outcome::Resume) {
+                if let Some(n) = in_flight.get_mut(&peer) {
+                    *n = n.saturating_sub(1);
+                }
             }
             match outcome {
                 Outcome::Written(len) => {
                     have_count += 1;
                     report.chunks_fetched += 1;
+                    failures.remove(&peer);
                     self.metrics.blob_chunks_fetched.inc();
                     self.metrics.blob_bytes_fetched.inc_by(len as u64);
-                    self.set_progress(
-                        hash,
-                        Some(FetchProgress {
-                            chunks_total: total,
-                            chunks_have: have_count,
-                        }),
-                    );
+                    self.set_progress(hash, Some(progress(have_count)));
                 }
                 Outcome::Corrupt(why) => {
                     report.corrupt_chunks += 1;
                     self.metrics.blob_chunks_corrupt.inc();
                     tracing::warn!(%peer, %hash, index, %why, "provider served a corrupted chunk; dropping it for this fetch");
                     bad.insert(peer);
+                    corrupters.insert(peer);
                     reasons.insert(peer, format!("corrupted chunk {index}"));
                     missing.push_front(index);
+                    if corrupters.len() >= SUSPECT_MANIFEST_AFTER {
+                        return Ok(DownloadEnd::ManifestSuspect);
+                    }
                 }
                 Outcome::Missing => {
                     bad.insert(peer);
                     reasons.insert(peer, "does not hold the blob".into());
                     missing.push_front(index);
                 }
+                Outcome::Busy => {
+                    // Not a fault: ask again after a pause, without counting it.
+                    missing.push_back(index);
+                    if paused.insert(peer) {
+                        pending.push(Box::pin(async move {
+                            tokio::time::sleep(BUSY_PAUSE).await;
+                            (peer, index, Outcome::Resume)
+                        }));
+                    }
+                }
+                Outcome::Resume => {
+                    paused.remove(&peer);
+                }
                 Outcome::Failed(why) => {
                     let n = failures.entry(peer).or_default();
                     *n += 1;
-                    if *n >= MAX_FAILURES_PER_PROVIDER {
+                    if *n >= MAX_CONSECUTIVE_FAILURES {
                         bad.insert(peer);
                     }
                     tracing::debug!(%peer, index, %why, "chunk request failed");
@@ -406,7 +458,7 @@ impl Fetcher {
             .await
             .map_err(|e| BlobError::Upload(e.to_string()))?
             .map_err(|source| BlobError::Io { path, source })?;
-        Ok(())
+        Ok(DownloadEnd::Complete)
     }
 
     fn fetch_chunk(
@@ -445,6 +497,7 @@ impl Fetcher {
                     )
                 }
                 ResponseBody::NotFound => return (peer, index, Outcome::Missing),
+                ResponseBody::Busy => return (peer, index, Outcome::Busy),
                 ResponseBody::Error { message } => return (peer, index, Outcome::Failed(message)),
                 ResponseBody::Manifest(_) => {
                     return (
@@ -471,6 +524,17 @@ impl Fetcher {
             .unwrap_or_else(|e| Outcome::LocalIo(std::io::Error::other(e.to_string())));
             (peer, index, outcome)
         }
+    }
+}
+
+struct ProgressGuard<'a> {
+    fetcher: &'a Fetcher,
+    hash: BlobHash,
+}
+
+impl Drop for ProgressGuard<'_> {
+    fn drop(&mut self) {
+        self.fetcher.set_progress(self.hash, None);
     }
 }
 

@@ -66,6 +66,16 @@ pub struct BlobSummary {
     pub size: u64,
 }
 
+/// A fetch in progress: its manifest and the peer id bytes of the manifest's source.
+pub type PartialFetch = (Manifest, Option<Vec<u8>>);
+
+/// What is remembered of a fetch in progress.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct PartialMeta {
+    manifest: Manifest,
+    source: Option<serde_bytes::ByteBuf>,
+}
+
 /// The local blob store.
 pub struct BlobStore {
     root: PathBuf,
@@ -155,21 +165,35 @@ impl BlobStore {
             .transpose()
     }
 
-    /// Manifest of a fetch in progress.
-    pub fn partial_manifest(&self, hash: &BlobHash) -> Result<Option<Manifest>, BlobError> {
-        self.partial
-            .get(hash.0)?
-            .map(|v| Self::decode(hash, &v))
-            .transpose()
+    /// Manifest of a fetch in progress, with the peer id bytes of the provider
+    /// it came from (so a lying manifest can be blamed after a restart too).
+    pub fn partial_manifest(&self, hash: &BlobHash) -> Result<Option<PartialFetch>, BlobError> {
+        let Some(v) = self.partial.get(hash.0)? else {
+            return Ok(None);
+        };
+        let p: PartialMeta = ciborium::from_reader(v.as_ref()).map_err(|e| BlobError::Corrupt {
+            hash: *hash,
+            reason: e.to_string(),
+        })?;
+        Ok(Some((p.manifest, p.source.map(|b| b.into_vec()))))
     }
 
-    /// Records the manifest a fetch works from, so a restart can resume it.
+    /// Records the manifest a fetch works from, and its source, so a restart can
+    /// resume the fetch.
     pub async fn set_partial_manifest(
         &self,
         hash: &BlobHash,
         m: &Manifest,
+        source: Option<Vec<u8>>,
     ) -> Result<(), BlobError> {
-        self.partial.insert(hash.0, encode_manifest(m))?;
+        let meta = PartialMeta {
+            manifest: m.clone(),
+            source: source.map(serde_bytes::ByteBuf::from),
+        };
+        let mut buf = Vec::new();
+        // Plain data; encoding into a Vec cannot fail.
+        let _ = ciborium::into_writer(&meta, &mut buf);
+        self.partial.insert(hash.0, buf)?;
         self.partial.flush_async().await?;
         Ok(())
     }
@@ -253,8 +277,21 @@ impl BlobStore {
             builder.update(&piece);
             file.write_all(&piece).await.map_err(io_err(tmp))?;
         }
+        // tokio's write_all may return before the bytes reach the kernel; flush
+        // surfaces a failed last write (ENOSPC, EIO) that sync_all would not.
+        file.flush().await.map_err(io_err(tmp))?;
         file.sync_all().await.map_err(io_err(tmp))?;
+        let on_disk = file.metadata().await.map_err(io_err(tmp))?.len();
         drop(file);
+        if on_disk != builder.size() {
+            return Err(BlobError::Io {
+                path: tmp.to_path_buf(),
+                source: io::Error::other(format!(
+                    "wrote {} bytes but the file holds {on_disk}",
+                    builder.size()
+                )),
+            });
+        }
         let (hash, manifest) = builder.finish();
         let result = PutResult {
             hash: hash.to_string(),
