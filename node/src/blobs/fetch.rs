@@ -15,9 +15,7 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 use std::{
     collections::{HashMap, HashSet, VecDeque},
-    io::Read,
     os::unix::fs::FileExt,
-    path::PathBuf,
     sync::{Arc, Mutex},
     time::Instant,
 };
@@ -139,8 +137,8 @@ enum Outcome {
 /// How a download pass ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum DownloadEnd {
-    /// Every chunk is on disk and matched the manifest.
-    Complete,
+    /// Every chunk is on disk and matched the manifest; the SHA-256 of the whole.
+    Complete(BlobHash),
     /// Chunks from several providers failed the manifest: the manifest is suspect.
     ManifestSuspect,
 }
@@ -243,8 +241,7 @@ impl Fetcher {
             let end = self
                 .download(hash, &manifest, &providers, &mut bad, &mut report)
                 .await?;
-            let path = self.store.partial_path(&hash);
-            if end == DownloadEnd::Complete && whole_hash(path).await? == hash {
+            if end == DownloadEnd::Complete(hash) {
                 self.store.commit_partial(&hash, &manifest).await?;
                 self.net.start_providing(hash).await?;
                 report.bad_providers = bad.iter().map(|p| p.to_string()).collect();
@@ -333,7 +330,7 @@ impl Fetcher {
         };
         let file = Arc::new(file);
         let total = manifest.chunk_count();
-        let have = if existed {
+        let mut have = if existed {
             verified_chunks(file.clone(), manifest.clone()).await
         } else {
             vec![false; total as usize]
@@ -346,6 +343,12 @@ impl Fetcher {
         };
         self.set_progress(hash, Some(progress(have_count)));
         let mut missing: VecDeque<u64> = (0..total).filter(|i| !have[*i as usize]).collect();
+
+        // The whole-blob hash follows the verified prefix of the file while the
+        // rest is still arriving, instead of a second pass over it at the end.
+        let mut prefix = have.iter().take_while(|h| **h).count() as u64;
+        let (prefix_tx, prefix_rx) = tokio::sync::watch::channel(prefix);
+        let whole = tokio::spawn(hash_prefix(file.clone(), manifest.clone(), prefix_rx));
 
         let mut in_flight: HashMap<PeerId, usize> = HashMap::new();
         let mut failures: HashMap<PeerId, u32> = HashMap::new();
@@ -401,6 +404,13 @@ impl Fetcher {
             }
             match outcome {
                 Outcome::Written(len) => {
+                    if let Some(h) = have.get_mut(index as usize) {
+                        *h = true;
+                    }
+                    while have.get(prefix as usize) == Some(&true) {
+                        prefix += 1;
+                    }
+                    prefix_tx.send_replace(prefix);
                     have_count += 1;
                     report.chunks_fetched += 1;
                     failures.remove(&peer);
@@ -457,8 +467,16 @@ impl Fetcher {
         tokio::task::spawn_blocking(move || f.sync_all())
             .await
             .map_err(|e| BlobError::Upload(e.to_string()))?
+            .map_err(|source| BlobError::Io {
+                path: path.clone(),
+                source,
+            })?;
+        drop(prefix_tx);
+        let whole = whole
+            .await
+            .map_err(|e| BlobError::Upload(e.to_string()))?
             .map_err(|source| BlobError::Io { path, source })?;
-        Ok(DownloadEnd::Complete)
+        Ok(DownloadEnd::Complete(whole))
     }
 
     fn fetch_chunk(
@@ -557,23 +575,92 @@ async fn verified_chunks(file: Arc<std::fs::File>, m: Manifest) -> Vec<bool> {
     .unwrap_or_else(|_| vec![false; total])
 }
 
-/// SHA-256 of a whole file, streamed.
-async fn whole_hash(path: PathBuf) -> Result<BlobHash, BlobError> {
-    let p = path.clone();
-    tokio::task::spawn_blocking(move || -> std::io::Result<BlobHash> {
-        let mut f = std::fs::File::open(&p)?;
-        let mut h = Sha256::new();
-        let mut buf = vec![0u8; 1 << 20];
-        loop {
-            let n = f.read(&mut buf)?;
-            if n == 0 {
-                break;
-            }
-            h.update(&buf[..n]);
+/// SHA-256 of the whole blob, read back from `file` chunk by chunk as the
+/// verified prefix (`prefix`, in chunks) grows. Ends with an error if the sender
+/// is dropped before the prefix covers the blob (the fetch failed).
+async fn hash_prefix(
+    file: Arc<std::fs::File>,
+    m: Manifest,
+    mut prefix: tokio::sync::watch::Receiver<u64>,
+) -> std::io::Result<BlobHash> {
+    let total = m.chunk_count();
+    let m = Arc::new(m);
+    let mut hasher = Sha256::new();
+    let mut done = 0u64;
+    loop {
+        let avail = (*prefix.borrow_and_update()).min(total);
+        if avail > done {
+            let (f, m, from) = (file.clone(), m.clone(), done);
+            hasher = tokio::task::spawn_blocking(move || -> std::io::Result<Sha256> {
+                let mut buf = vec![0u8; m.chunk_size as usize];
+                for i in from..avail {
+                    let (off, len) = m
+                        .chunk_range(i)
+                        .ok_or_else(|| std::io::Error::other("chunk outside the manifest"))?;
+                    f.read_exact_at(&mut buf[..len], off)?;
+                    hasher.update(&buf[..len]);
+                }
+                Ok(hasher)
+            })
+            .await
+            .map_err(|e| std::io::Error::other(e.to_string()))??;
+            done = avail;
         }
-        Ok(BlobHash(h.finalize().into()))
-    })
-    .await
-    .map_err(|e| BlobError::Upload(e.to_string()))?
-    .map_err(|source| BlobError::Io { path, source })
+        if done >= total {
+            return Ok(BlobHash(hasher.finalize().into()));
+        }
+        if prefix.changed().await.is_err() && *prefix.borrow() <= done {
+            return Err(std::io::Error::other(
+                "the fetch ended before the blob was complete",
+            ));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use agentmesh_protocols::blob::ManifestBuilder;
+    use std::io::Write;
+
+    fn blob_file(len: usize) -> (tempfile::NamedTempFile, Vec<u8>, Manifest) {
+        let data: Vec<u8> = (0..len).map(|i| (i * 31 % 251) as u8).collect();
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        f.write_all(&data).unwrap();
+        let mut b = ManifestBuilder::new(1000);
+        b.update(&data);
+        (f, data, b.finish().1)
+    }
+
+    #[tokio::test]
+    async fn prefix_hash_matches_the_file_as_it_grows() {
+        let (f, data, m) = blob_file(10_500);
+        let file = Arc::new(f.reopen().unwrap());
+        let (tx, rx) = tokio::sync::watch::channel(0);
+        let task = tokio::spawn(hash_prefix(file, m, rx));
+        for prefix in [3, 3, 7, 11] {
+            tx.send_replace(prefix);
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(task.await.unwrap().unwrap(), BlobHash::of(&data));
+    }
+
+    #[tokio::test]
+    async fn prefix_hash_fails_if_the_fetch_ends_early() {
+        let (f, _, m) = blob_file(5_000);
+        let (tx, rx) = tokio::sync::watch::channel(2);
+        let task = tokio::spawn(hash_prefix(Arc::new(f.reopen().unwrap()), m, rx));
+        drop(tx);
+        assert!(task.await.unwrap().is_err());
+    }
+
+    #[tokio::test]
+    async fn empty_blob_hashes_at_once() {
+        let (f, _, m) = blob_file(0);
+        let (_tx, rx) = tokio::sync::watch::channel(0);
+        let got = hash_prefix(Arc::new(f.reopen().unwrap()), m, rx)
+            .await
+            .unwrap();
+        assert_eq!(got, BlobHash::of(b""));
+    }
 }
