@@ -28,19 +28,25 @@ pub fn binary() -> Result<PathBuf> {
         return Ok(PathBuf::from(p));
     }
     let exe = std::env::current_exe()?;
-    // target/<profile>/deps/<test> -> target/<profile>/agentmesh
+    // Test executables live in target/<profile>/deps/, bins (meshbench) in
+    // target/<profile>/; the node binary is in target/<profile>/ either way.
     let dir = exe
         .parent()
-        .and_then(Path::parent)
-        .ok_or_else(|| anyhow!("unexpected test executable path {}", exe.display()))?;
-    let bin = dir.join("agentmesh");
-    if !bin.exists() {
-        bail!(
-            "{} not found: build it first with `cargo build -p agentmesh` (or set AGENTMESH_BIN)",
-            bin.display()
-        );
-    }
-    Ok(bin)
+        .ok_or_else(|| anyhow!("unexpected executable path {}", exe.display()))?;
+    let candidates = [Some(dir), dir.parent()];
+    let found = candidates
+        .into_iter()
+        .flatten()
+        .map(|d| d.join("agentmesh"))
+        .find(|p| p.exists())
+        .ok_or_else(|| {
+            anyhow!(
+                "agentmesh not found next to {}: build it first with `cargo build -p agentmesh` \
+                 (or set AGENTMESH_BIN)",
+                exe.display()
+            )
+        });
+    found
 }
 
 /// What a running node wrote to `node.json`.
