@@ -7,7 +7,7 @@
 
 use crate::{
     metrics::Metrics,
-    peers::{now_ms, PeerStatus, PeerStore},
+    peers::{now_ms, PeerRecord, PeerStatus, PeerStore, MAX_KNOWN_PEERS},
 };
 use agentmesh_protocols::{
     blob::{BlobHash, BlobRequest, BlobResponse, ResponseBody},
@@ -390,6 +390,13 @@ pub fn spawn(
         listeners.insert(id);
     }
 
+    let known = params
+        .peers
+        .all()
+        .map_err(|e| StartError::Build(format!("reading the peer store: {e}")))?
+        .into_iter()
+        .map(|(peer, rec)| (peer, parse_addrs(&rec.addrs)))
+        .collect();
     let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
     let (ready_tx, ready_rx) = watch::channel(Readiness::default());
     let mut task = Task {
@@ -410,6 +417,7 @@ pub fn spawn(
         listen_addrs: Vec::new(),
         ready: ready_tx,
         live: HashMap::new(),
+        known,
         backoff: HashMap::new(),
         subscriptions: HashMap::new(),
         pending_dials: HashMap::new(),
@@ -482,6 +490,10 @@ struct Task {
     listen_addrs: Vec<Multiaddr>,
     ready: watch::Sender<Readiness>,
     live: HashMap<PeerId, LivePeer>,
+    /// Dial addresses of every stored peer: the store's content kept in memory,
+    /// so the peer manager's tick does not re-read sled. Every store write goes
+    /// through [`Task::record`] or [`Task::forget`], which keep the two in step.
+    known: HashMap<PeerId, Vec<Multiaddr>>,
     backoff: HashMap<PeerId, Backoff>,
     subscriptions: HashMap<String, usize>,
     pending_dials: HashMap<ConnectionId, Reply<Result<(), NetworkError>>>,
@@ -531,6 +543,26 @@ impl Task {
             listen_addrs: self.listen_addrs.clone(),
             connected_peers: self.live.len(),
         });
+    }
+
+    /// Changes a stored peer record (creating it if needed) and the in-memory
+    /// dial list with it.
+    fn record(&mut self, peer: &PeerId, f: impl FnOnce(&mut PeerRecord)) {
+        match self.peers.update(peer, f) {
+            Ok(rec) => {
+                self.known.insert(*peer, parse_addrs(&rec.addrs));
+            }
+            Err(e) => tracing::warn!(%peer, %e, "cannot update the peer store"),
+        }
+    }
+
+    /// Forgets a stored peer.
+    fn forget(&mut self, peer: &PeerId) {
+        if self.known.remove(peer).is_some() {
+            if let Err(e) = self.peers.remove(peer) {
+                tracing::warn!(%peer, %e, "cannot update the peer store");
+            }
+        }
     }
 
     /// Answers provider lookups that have found someone and had their grace
@@ -583,26 +615,20 @@ impl Task {
                 }
             }
         }
-        let known = match self.peers.all() {
-            Ok(all) => all,
-            Err(e) => {
-                tracing::warn!(%e, "cannot read the peer store");
-                return;
-            }
-        };
-        self.metrics.known_peers.set(known.len() as i64);
-        for (peer, rec) in known {
-            if peer == *self.swarm.local_peer_id() || self.live.contains_key(&peer) {
+        self.metrics.known_peers.set(self.known.len() as i64);
+        for (peer, addrs) in &self.known {
+            let peer = *peer;
+            if peer == *self.swarm.local_peer_id()
+                || self.live.contains_key(&peer)
+                || addrs.is_empty()
+            {
                 continue;
             }
             let backoff = self.backoff.entry(peer).or_insert_with(Backoff::new);
             if !backoff.due(now) {
                 continue;
             }
-            let addrs: Vec<Multiaddr> = rec.addrs.iter().filter_map(|a| a.parse().ok()).collect();
-            if addrs.is_empty() {
-                continue;
-            }
+            let addrs = addrs.clone();
             backoff.dialing = true;
             let opts = DialOpts::peer_id(peer)
                 .addresses(addrs)
@@ -850,7 +876,7 @@ impl Task {
                         .entry(peer_id)
                         .or_insert_with(Backoff::new)
                         .failed(Instant::now());
-                    let _ = self.peers.update(&peer_id, |r| {
+                    self.record(&peer_id, |r| {
                         r.status = PeerStatus::Inactive;
                         r.last_seen_ms = now_ms();
                     });
@@ -924,9 +950,9 @@ impl Task {
             let dialed = endpoint
                 .is_dialer()
                 .then(|| endpoint.get_remote_address().clone());
-            let known = matches!(self.peers.get(&peer), Ok(Some(_)));
+            let known = self.known.contains_key(&peer);
             if known || dialed.is_some() {
-                let _ = self.peers.update(&peer, |r| {
+                self.record(&peer, |r| {
                     r.status = PeerStatus::Active;
                     r.last_seen_ms = now_ms();
                     if let Some(a) = dialed {
@@ -998,11 +1024,11 @@ impl Task {
         // libp2p peers may still route and gossip with us, but are not
         // remembered or redialled.
         if !is_agentmesh || addrs.is_empty() {
-            let _ = self.peers.remove(&peer);
+            self.forget(&peer);
             return;
         }
         let name = name_from_agent_version(&info.agent_version);
-        let _ = self.peers.update(&peer, |r| {
+        self.record(&peer, |r| {
             r.name = name;
             r.status = PeerStatus::Active;
             r.last_seen_ms = now_ms();
@@ -1019,9 +1045,11 @@ impl Task {
             // manager connects to it and keeps it connected.
             kad::Event::RoutingUpdated {
                 peer, addresses, ..
-            } if peer != *self.swarm.local_peer_id() && self.peers.has_room_for(&peer) => {
+            } if peer != *self.swarm.local_peer_id()
+                && (self.known.len() < MAX_KNOWN_PEERS || self.known.contains_key(&peer)) =>
+            {
                 let active = self.live.contains_key(&peer);
-                let _ = self.peers.update(&peer, |r| {
+                self.record(&peer, |r| {
                     if active {
                         r.status = PeerStatus::Active;
                     }
@@ -1149,6 +1177,10 @@ impl Task {
             request_response::Event::ResponseSent { .. } => {}
         }
     }
+}
+
+fn parse_addrs(addrs: &[String]) -> Vec<Multiaddr> {
+    addrs.iter().filter_map(|a| a.parse().ok()).collect()
 }
 
 fn strip_p2p(mut addr: Multiaddr) -> Multiaddr {

@@ -113,12 +113,6 @@ impl PeerStore {
         Ok(out)
     }
 
-    /// Whether `peer` is already stored or there is room for it.
-    pub fn has_room_for(&self, peer: &PeerId) -> bool {
-        self.tree.len() < MAX_KNOWN_PEERS
-            || matches!(self.tree.contains_key(peer.to_bytes()), Ok(true))
-    }
-
     /// Forgets a peer.
     pub fn remove(&self, peer: &PeerId) -> Result<(), PeerStoreError> {
         self.tree.remove(peer.to_bytes())?;
