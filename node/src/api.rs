@@ -83,7 +83,7 @@ impl From<NetworkError> for ApiError {
             NetworkError::NoSubscribers(_) | NetworkError::Stopped => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
-            NetworkError::Dial(_) | NetworkError::Request { .. } => StatusCode::BAD_GATEWAY,
+            NetworkError::Request { .. } => StatusCode::BAD_GATEWAY,
             NetworkError::Publish(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
         Self(status, e.to_string())

@@ -54,9 +54,6 @@ pub enum NetworkError {
     /// The swarm task has stopped (node shutting down).
     #[error("the network task has stopped")]
     Stopped,
-    /// Dialing failed.
-    #[error("dial failed: {0}")]
-    Dial(String),
     /// Topic name refused.
     #[error("invalid topic {0:?}: topics are 1-{MAX_TOPIC_LEN} printable characters")]
     InvalidTopic(String),
@@ -170,8 +167,6 @@ type Reply<T> = oneshot::Sender<T>;
 
 /// Requests to the swarm task.
 pub enum Command {
-    /// Dial an address.
-    Dial(Multiaddr, Reply<Result<(), NetworkError>>),
     /// Publish a payload on a topic.
     Publish(String, Vec<u8>, Reply<Result<String, NetworkError>>),
     /// Subscribe (reference-counted).
@@ -221,10 +216,6 @@ impl NetworkHandle {
     /// Our own peer id.
     pub fn local_peer_id(&self) -> PeerId {
         self.local_peer_id
-    }
-    /// Dials `addr`; resolves when the connection is established or fails.
-    pub async fn dial(&self, addr: Multiaddr) -> Result<(), NetworkError> {
-        self.call(|r| Command::Dial(addr, r)).await?
     }
     /// Publishes `data` on `topic`; returns the message id (hex).
     pub async fn publish(&self, topic: String, data: Vec<u8>) -> Result<String, NetworkError> {
@@ -420,7 +411,6 @@ pub fn spawn(
         known,
         backoff: HashMap::new(),
         subscriptions: HashMap::new(),
-        pending_dials: HashMap::new(),
         pending_providers: HashMap::new(),
         pending_blob: HashMap::new(),
         kad_bootstrapped: false,
@@ -496,7 +486,6 @@ struct Task {
     known: HashMap<PeerId, Vec<Multiaddr>>,
     backoff: HashMap<PeerId, Backoff>,
     subscriptions: HashMap<String, usize>,
-    pending_dials: HashMap<ConnectionId, Reply<Result<(), NetworkError>>>,
     pending_providers: HashMap<kad::QueryId, ProviderQuery>,
     pending_blob:
         HashMap<request_response::OutboundRequestId, Reply<Result<BlobResponse, NetworkError>>>,
@@ -645,18 +634,6 @@ impl Task {
 
     fn on_command(&mut self, cmd: Command) {
         match cmd {
-            Command::Dial(addr, reply) => {
-                let opts = DialOpts::unknown_peer_id().address(addr).build();
-                let id = opts.connection_id();
-                match self.swarm.dial(opts) {
-                    Ok(()) => {
-                        self.pending_dials.insert(id, reply);
-                    }
-                    Err(e) => {
-                        let _ = reply.send(Err(NetworkError::Dial(e.to_string())));
-                    }
-                }
-            }
             Command::Publish(topic, data, reply) => {
                 let _ = reply.send(self.publish(topic, data));
             }
@@ -895,9 +872,6 @@ impl Task {
                 error,
             } => {
                 let now = Instant::now();
-                if let Some(reply) = self.pending_dials.remove(&connection_id) {
-                    let _ = reply.send(Err(NetworkError::Dial(error.to_string())));
-                }
                 if let Some(peer) = peer_id {
                     if !self.live.contains_key(&peer) {
                         if let Some(b) = self.backoff.get_mut(&peer) {
@@ -928,9 +902,6 @@ impl Task {
         endpoint: ConnectedPoint,
         num_established: u32,
     ) {
-        if let Some(reply) = self.pending_dials.remove(&connection_id) {
-            let _ = reply.send(Ok(()));
-        }
         self.backoff
             .entry(peer)
             .or_insert_with(Backoff::new)

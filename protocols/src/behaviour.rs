@@ -95,18 +95,6 @@ impl MeshConfig {
         self.ping_interval = d;
         self
     }
-    /// The identify agent version.
-    pub fn agent_version(&self) -> &str {
-        &self.agent_version
-    }
-    /// How often the node re-walks the DHT.
-    pub fn kad_bootstrap_interval(&self) -> Duration {
-        self.kad_bootstrap_interval
-    }
-    /// The ping interval.
-    pub fn ping_interval(&self) -> Duration {
-        self.ping_interval
-    }
     /// Largest gossip message on the wire: a maximal envelope plus gossipsub framing.
     pub fn max_gossip_transmit_size(&self) -> usize {
         MAX_ENVELOPE_SIZE + GOSSIP_FRAME_OVERHEAD

@@ -168,13 +168,20 @@ impl Manifest {
 
     /// Byte offset and length of chunk `index`.
     pub fn chunk_range(&self, index: u64) -> Option<(u64, usize)> {
-        if index >= self.chunk_count() {
-            return None;
-        }
-        let start = index * u64::from(self.chunk_size);
-        let len = (self.size - start).min(u64::from(self.chunk_size));
-        Some((start, len as usize))
+        chunk_range(self.size, self.chunk_size, index)
     }
+}
+
+/// Byte offset and length of chunk `index` of a `size`-byte blob cut into
+/// `chunk_size`-byte chunks, if that chunk exists.
+pub fn chunk_range(size: u64, chunk_size: u32, index: u64) -> Option<(u64, usize)> {
+    let chunk_size = u64::from(chunk_size);
+    if chunk_size == 0 || index >= size.div_ceil(chunk_size) {
+        return None;
+    }
+    let start = index * chunk_size;
+    let len = (size - start).min(chunk_size);
+    Some((start, len as usize))
 }
 
 /// Incrementally builds a [`Manifest`] and the whole-blob hash from a byte stream.

@@ -1,15 +1,21 @@
 //! Blobs on local disk: `blobs/<sha256>` for complete blobs, `blobs/partial/` for
 //! fetches in progress, `blobs/tmp/` for uploads; manifests in sled.
 
-use agentmesh_protocols::blob::{BlobHash, Manifest, ManifestBuilder, DEFAULT_CHUNK_SIZE};
+use agentmesh_protocols::blob::{
+    chunk_range, BlobHash, Manifest, ManifestBuilder, DEFAULT_CHUNK_SIZE,
+};
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
 use serde::Serialize;
 use std::{
+    collections::HashMap,
     io,
     os::unix::fs::FileExt,
     path::{Path, PathBuf},
-    sync::atomic::{AtomicU64, Ordering},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Mutex,
+    },
 };
 use tokio::io::AsyncWriteExt;
 
@@ -83,6 +89,10 @@ pub struct BlobStore {
     partial: sled::Tree,
     max_blob_size: u64,
     tmp_seq: AtomicU64,
+    /// `(size, chunk_size)` of complete blobs, so serving a chunk does not
+    /// decode the whole manifest (up to 4 MiB) from sled each time. Blobs are
+    /// immutable, so an entry never goes stale; one per blob held.
+    layouts: Mutex<HashMap<BlobHash, (u64, u32)>>,
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> BlobError + '_ {
@@ -118,6 +128,7 @@ impl BlobStore {
             partial: db.open_tree("blobs_partial")?,
             max_blob_size,
             tmp_seq: AtomicU64::new(0),
+            layouts: Mutex::new(HashMap::new()),
         };
         // A manifest without its file (deleted by hand, lost disk) is forgotten
         // rather than advertised.
@@ -333,10 +344,20 @@ impl BlobStore {
 
     /// Reads chunk `index` of a complete blob (blocking; call from a blocking task).
     pub fn read_chunk(&self, hash: &BlobHash, index: u64) -> Result<Option<Vec<u8>>, BlobError> {
-        let Some(m) = self.manifest(hash)? else {
-            return Ok(None);
+        let cached = self.layouts.lock().ok().and_then(|l| l.get(hash).copied());
+        let (size, chunk_size) = match cached {
+            Some(layout) => layout,
+            None => {
+                let Some(m) = self.manifest(hash)? else {
+                    return Ok(None);
+                };
+                if let Ok(mut l) = self.layouts.lock() {
+                    l.insert(*hash, (m.size, m.chunk_size));
+                }
+                (m.size, m.chunk_size)
+            }
         };
-        let Some((offset, len)) = m.chunk_range(index) else {
+        let Some((offset, len)) = chunk_range(size, chunk_size, index) else {
             return Ok(None);
         };
         let path = self.path(hash);

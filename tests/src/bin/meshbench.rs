@@ -91,25 +91,8 @@ impl Options {
 
 fn main() -> Result<()> {
     let opts = Options::from_args()?;
-    // The harness looks for the node binary two levels above its executable
-    // (target/<profile>/deps/<test>); a bin lives one level up, in
-    // target/<profile>/, so point it at the sibling binary unless told otherwise.
-    // Done before the runtime starts: no other thread exists yet.
-    if std::env::var_os("AGENTMESH_BIN").is_none() {
-        let exe = std::env::current_exe().context("locating meshbench")?;
-        let dir = exe
-            .parent()
-            .ok_or_else(|| anyhow!("unexpected executable path {}", exe.display()))?;
-        let bin = dir.join("agentmesh");
-        if !bin.exists() {
-            bail!(
-                "{} not found: build it first with `cargo build --release -p agentmesh` \
-                 (or set AGENTMESH_BIN)",
-                bin.display()
-            );
-        }
-        std::env::set_var("AGENTMESH_BIN", &bin);
-    }
+    // Fail early, before any node is started, if the node binary is missing.
+    agentmesh_tests::binary()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -812,7 +795,7 @@ fn machine_header(opts: &Options) -> Result<String> {
         .map_or(0.0, |kb| kb / 1024.0 / 1024.0);
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
-    let bin = std::env::var("AGENTMESH_BIN").unwrap_or_default();
+    let bin = agentmesh_tests::binary()?.display().to_string();
     let mut s = String::new();
     writeln!(s, "meshbench: agentmesh on 127.0.0.1")?;
     writeln!(s, "date      {}", utc_now())?;
