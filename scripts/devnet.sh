@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Start a local agentmesh mesh on 127.0.0.1 and show it working: every node finds
-# every other, a blob put on the first node is fetched on the last, and a message
-# published on one node reaches a subscriber on another.
+# Start a local agentmesh cluster on 127.0.0.1 and show it working: the first node
+# founds the cluster and the others join it with single-use tokens, every node finds
+# every other, a replicated key written on one node is read on another, a blob put
+# on the first node is fetched on the last, and a message published on one node
+# reaches a subscriber on another.
 #
 #   scripts/devnet.sh            # 3 nodes; keeps running until Ctrl-C
 #   scripts/devnet.sh --smoke    # same, then stops (used by CI)
@@ -51,12 +53,19 @@ for i in $(seq 1 "$NODES"); do
   port=$((BASE_PORT + i)); api=127.0.0.1:$((API_BASE + i))
   args=(start --name "node$i" --data-dir "$DIR/node$i" --api "$api"
         --listen "/ip4/127.0.0.1/tcp/$port" --listen "/ip4/127.0.0.1/udp/$port/quic-v1")
-  [ -n "$BOOTSTRAP" ] && args+=(--bootstrap "$BOOTSTRAP")
+  if [ -n "$BOOTSTRAP" ]; then
+    # A fresh single-use token from the founder for every joining node.
+    token=$("$BIN" token --ttl 10m --api "127.0.0.1:$((API_BASE + 1))" 2>/dev/null | tail -1)
+    args+=(--bootstrap "$BOOTSTRAP" --join "$token")
+  fi
   rm -f "$DIR/node$i/node.json"
   "$BIN" "${args[@]}" >"$DIR/node$i.log" 2>&1 &
   PIDS+=($!)
   peer=$(runtime_value "$DIR/node$i" peer_id)
   echo "node$i  api=$api  peer=$peer"
+  if [ "$i" = 1 ]; then
+    for _ in $(seq 200); do curl -fs "http://$api/readyz" >/dev/null 2>&1 && break; sleep 0.05; done
+  fi
   # Each node bootstraps from the previous one: a chain, not a star.
   BOOTSTRAP="/ip4/127.0.0.1/tcp/$port/p2p/$peer"
 done
@@ -72,6 +81,24 @@ for i in $(seq 1 "$NODES"); do
   [ "$active" -ge $((NODES - 1)) ] || { echo "node$i sees only $active peers" >&2; exit 1; }
 done
 "$BIN" peers --api "$API1"
+
+echo; echo "cluster: waiting for every node to be a member with a known leader..."
+for i in $(seq 1 "$NODES"); do
+  for _ in $(seq 300); do
+    curl -fs "http://127.0.0.1:$((API_BASE + i))/readyz" >/dev/null 2>&1 && break
+    sleep 0.1
+  done
+  curl -fs "http://127.0.0.1:$((API_BASE + i))/readyz" >/dev/null || { echo "node$i never became ready" >&2; exit 1; }
+done
+# The leader promotes learners to voters once they have caught up.
+for _ in $(seq 100); do
+  curl -fs "http://$API1/v1/cluster" | grep -q '"role":"learner"' || break
+  sleep 0.1
+done
+"$BIN" cluster --api "$APIN"
+echo; echo "kv: write on node$NODES, read on node1 (linearizable, from any node)"
+"$BIN" kv put demo/greeting '{"hello": "mesh"}' --api "$APIN"
+"$BIN" kv get demo/greeting --api "$API1" --json
 
 echo; echo "blob: put 8 MiB on node1, get it on node$NODES"
 head -c $((8 << 20)) /dev/urandom >"$DIR/sample.bin"
@@ -101,11 +128,11 @@ cat "$DIR/sub.out"
 grep -q "hi from node1" "$DIR/sub.out" || { echo "message not delivered" >&2; exit 1; }
 
 echo
-echo "mesh of $NODES nodes is up; data and logs in $DIR"
+echo "cluster of $NODES nodes is up; data and logs in $DIR"
 if [ "$SMOKE" = 1 ]; then
   echo "devnet smoke check passed"
   exit 0
 fi
-echo "try:  $BIN status --api $API1     $BIN peers --api $APIN"
+echo "try:  $BIN cluster --api $API1     $BIN kv list --api $APIN     $BIN peers --api $APIN"
 echo "Ctrl-C stops every node."
 wait "${PIDS[0]}"

@@ -1,11 +1,14 @@
 //! The HTTP API (see `interface.md`): health, metrics, status, peers, gossip,
 //! events over WebSocket, and blobs.
 
+mod cluster;
+
 use crate::{
     blobs::{BlobError, BlobStore, FetchError, Fetcher},
     metrics::Metrics,
     network::{NetworkError, NetworkHandle, NodeEvent, Readiness},
 };
+use agentmesh_consensus::Cluster;
 use agentmesh_protocols::{blob::BlobHash, MAX_ENVELOPE_SIZE};
 use axum::{
     body::Body,
@@ -50,6 +53,8 @@ pub struct ApiState {
     pub events: broadcast::Sender<NodeEvent>,
     /// Listening / connectivity state.
     pub readiness: watch::Receiver<Readiness>,
+    /// This node's Raft member.
+    pub cluster: Cluster,
     /// Admin key clients must present, if any.
     pub api_key: Option<String>,
     /// Node name.
@@ -83,7 +88,9 @@ impl From<NetworkError> for ApiError {
             NetworkError::NoSubscribers(_) | NetworkError::Stopped => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
-            NetworkError::Request { .. } => StatusCode::BAD_GATEWAY,
+            NetworkError::Request { .. } | NetworkError::Unreachable { .. } => {
+                StatusCode::BAD_GATEWAY
+            }
             NetworkError::Publish(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
         Self(status, e.to_string())
@@ -139,6 +146,7 @@ pub fn router(state: Shared) -> Router {
         .route("/v1/blobs/{hash}/fetch", post(fetch_blob))
         .route("/v1/blobs/{hash}/status", get(blob_status))
         .route("/v1/blobs/{hash}/providers", get(blob_providers))
+        .merge(cluster::routes())
         .route_layer(middleware::from_fn_with_state(state.clone(), require_key));
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
@@ -182,6 +190,8 @@ async fn readyz(State(s): State<Shared>) -> Response {
         Some("not listening yet")
     } else if s.expects_peers && r.connected_peers == 0 {
         Some("no bootstrap peer reached yet")
+    } else if !s.cluster.has_leader() {
+        Some("not in a cluster with a known leader")
     } else {
         None
     };
@@ -204,20 +214,32 @@ async fn metrics(State(s): State<Shared>) -> impl IntoResponse {
 
 async fn status(State(s): State<Shared>) -> Result<Json<Value>, ApiError> {
     let st = s.net.status().await?;
+    let raft = s.cluster.status();
+    // A rename is replicated; the registry's name is the node's name.
+    let name = raft
+        .members
+        .iter()
+        .find(|m| m.peer_id == st.peer_id)
+        .map_or_else(|| s.name.clone(), |m| m.name.clone());
     Ok(Json(json!({
         "peer_id": st.peer_id,
-        "name": s.name,
+        "name": name,
         "version": env!("CARGO_PKG_VERSION"),
         "listen_addrs": st.listen_addrs,
         "connected_peers": st.connected_peers,
-        "raft": Value::Null,
+        "raft": raft,
     })))
 }
 
 async fn peers(State(s): State<Shared>) -> Result<Json<Value>, ApiError> {
-    Ok(Json(
-        serde_json::to_value(s.net.peers().await?).unwrap_or_default(),
-    ))
+    let mut peers = s.net.peers().await?;
+    let members = s.cluster.status().members;
+    for p in &mut peers {
+        if let Some(m) = members.iter().find(|m| m.peer_id == p.peer_id) {
+            p.name.clone_from(&m.name);
+        }
+    }
+    Ok(Json(serde_json::to_value(peers).unwrap_or_default()))
 }
 
 /// Reads a body of at most `limit` bytes; a larger one is drained (up to

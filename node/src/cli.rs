@@ -30,7 +30,7 @@ pub enum LogFormat {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run a node in the foreground.
-    Start(StartArgs),
+    Start(Box<StartArgs>),
     /// Show this node's identity, addresses and connections.
     Status(ClientArgs),
     /// List every known peer, connected or not.
@@ -56,6 +56,89 @@ pub enum Command {
         #[command(subcommand)]
         command: BlobCommand,
     },
+    /// Show the cluster: leader, term, voters, learners and every member's state.
+    Cluster(ClientArgs),
+    /// Issue a single-use join token (printed alone on the last line).
+    Token {
+        /// How long the token stays valid, e.g. 30m, 1h, 7d.
+        #[arg(long, default_value = "24h", value_parser = parse_duration)]
+        ttl: std::time::Duration,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Replicated, versioned configuration (linearizable).
+    Kv {
+        #[command(subcommand)]
+        command: KvCommand,
+    },
+    /// Rename this node everywhere in the cluster.
+    Rename {
+        /// New name.
+        name: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
+/// `agentmesh kv ...`
+#[allow(missing_docs)]
+#[derive(Debug, Subcommand)]
+pub enum KvCommand {
+    /// Write a key. VALUE is JSON; anything that is not valid JSON is stored as a string.
+    Put {
+        /// Key: letters, digits and . _ - / :
+        key: String,
+        /// Value (JSON, or text stored as a JSON string).
+        value: String,
+        /// Write only if the key's current version is this (0: only if it does not exist).
+        #[arg(long)]
+        if_version: Option<u64>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Read a key (prints its value; --json adds the version).
+    Get {
+        /// Key.
+        key: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// List keys with their versions.
+    List {
+        /// Only keys starting with this.
+        #[arg(long, default_value = "")]
+        prefix: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Delete a key.
+    Delete {
+        /// Key.
+        key: String,
+        /// Delete only if the key's current version is this.
+        #[arg(long)]
+        if_version: Option<u64>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
+/// Parses `90s`, `30m`, `1h`, `7d` (or plain seconds).
+pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration (use e.g. 90s, 30m, 1h, 7d)"))?;
+    let secs = match unit {
+        "" | "s" => n,
+        "m" => n.saturating_mul(60),
+        "h" => n.saturating_mul(3600),
+        "d" => n.saturating_mul(86_400),
+        _ => return Err(format!("unknown unit {unit:?} in {s:?} (use s, m, h or d)")),
+    };
+    Ok(std::time::Duration::from_secs(secs))
 }
 
 /// `agentmesh blob ...`
@@ -124,4 +207,31 @@ pub struct StartArgs {
     /// Cap on the bytes per second this node serves to blob fetchers (0 = no cap).
     #[arg(long, env = "AGENTMESH_BLOB_SERVE_BYTES_PER_SEC")]
     pub blob_serve_bytes_per_sec: Option<u64>,
+    /// Join an existing cluster with this single-use token (from `agentmesh token`).
+    #[arg(long, env = "AGENTMESH_JOIN", hide_env_values = true)]
+    pub join: Option<String>,
+    /// File holding the shared cluster key: nodes holding it join without a token, and
+    /// found a cluster together with --bootstrap-expect.
+    #[arg(long, env = "AGENTMESH_CLUSTER_KEY_FILE")]
+    pub cluster_key_file: Option<PathBuf>,
+    /// Wait until this many nodes holding the cluster key see each other, then found one
+    /// cluster with them as voters (needs --cluster-key-file).
+    #[arg(long, env = "AGENTMESH_BOOTSTRAP_EXPECT")]
+    pub bootstrap_expect: Option<usize>,
+    /// Raft leader heartbeat interval in milliseconds [default: 100].
+    #[arg(long, env = "AGENTMESH_RAFT_HEARTBEAT_MS")]
+    pub raft_heartbeat_ms: Option<u64>,
+    /// Raft election timeout in milliseconds; elections start after a random time
+    /// between this and twice this [default: 1000].
+    #[arg(long, env = "AGENTMESH_RAFT_ELECTION_TIMEOUT_MS")]
+    pub raft_election_timeout_ms: Option<u64>,
+    /// Seconds a voter may be unreachable before the leader replaces it [default: 30].
+    #[arg(long, env = "AGENTMESH_RAFT_UNREACHABLE_SECS")]
+    pub raft_unreachable_secs: Option<u64>,
+    /// Snapshot and compact the Raft log after this many entries [default: 10000].
+    #[arg(long, env = "AGENTMESH_RAFT_SNAPSHOT_AFTER")]
+    pub raft_snapshot_after: Option<u64>,
+    /// Voters to keep (odd) [default: 3, or 5 from 5 members on].
+    #[arg(long, env = "AGENTMESH_RAFT_VOTERS")]
+    pub raft_voters: Option<usize>,
 }

@@ -1,7 +1,7 @@
 //! Client commands: each talks to a node's HTTP API and prints the answer,
 //! human-readable by default or as JSON with `--json`.
 
-use crate::cli::{BlobCommand, ClientArgs, Command};
+use crate::cli::{BlobCommand, ClientArgs, Command, KvCommand};
 use agentmesh_protocols::blob::BlobHash;
 use anyhow::{anyhow, bail, Context, Result};
 use futures::{SinkExt, StreamExt};
@@ -102,7 +102,173 @@ pub async fn run(cmd: Command) -> Result<()> {
             }
             BlobCommand::List(client) => blob_list(&Api::new(&client)?).await,
         },
+        Command::Cluster(args) => cluster(&Api::new(&args)?).await,
+        Command::Token { ttl, client } => token(&Api::new(&client)?, ttl).await,
+        Command::Rename { name, client } => rename(&Api::new(&client)?, &name).await,
+        Command::Kv { command } => match command {
+            KvCommand::Put {
+                key,
+                value,
+                if_version,
+                client,
+            } => kv_put(&Api::new(&client)?, &key, &value, if_version).await,
+            KvCommand::Get { key, client } => kv_get(&Api::new(&client)?, &key).await,
+            KvCommand::List { prefix, client } => kv_list(&Api::new(&client)?, &prefix).await,
+            KvCommand::Delete {
+                key,
+                if_version,
+                client,
+            } => kv_delete(&Api::new(&client)?, &key, if_version).await,
+        },
     }
+}
+
+async fn cluster(api: &Api) -> Result<()> {
+    let v = api
+        .json(api.request(reqwest::Method::GET, "/v1/cluster"))
+        .await?;
+    if api.json {
+        api.print_json(&v);
+        return Ok(());
+    }
+    let leader = v["leader"].as_str();
+    println!("cluster:  {}", s(&v, "cluster_id"));
+    println!(
+        "leader:   {} (term {})",
+        leader.unwrap_or("none known"),
+        v["term"].as_u64().unwrap_or(0)
+    );
+    println!("this node: {} ({})", s(&v, "node_id"), s(&v, "role"));
+    if v["membership_changing"].as_bool() == Some(true) {
+        println!("membership: changing (joint configuration or not yet applied here)");
+    }
+    println!(
+        "{:<20} {:<17} {:<8} {:<7} {:>10}  PEER ID",
+        "NAME", "NODE ID", "ROLE", "STATE", "CONTACT"
+    );
+    for m in v["members"].as_array().into_iter().flatten() {
+        let role = if m["leader"].as_bool() == Some(true) {
+            "leader"
+        } else {
+            s(m, "role")
+        };
+        let contact = m["last_contact_ms"]
+            .as_u64()
+            .map(|ms| format!("{ms}ms ago"))
+            .unwrap_or_else(|| "-".into());
+        println!(
+            "{:<20} {:<17} {:<8} {:<7} {:>10}  {}",
+            s(m, "name"),
+            s(m, "node_id"),
+            role,
+            s(m, "state"),
+            contact,
+            s(m, "peer_id")
+        );
+    }
+    Ok(())
+}
+
+async fn token(api: &Api, ttl: Duration) -> Result<()> {
+    let body = serde_json::json!({ "ttl_secs": ttl.as_secs() });
+    let v = api
+        .json(api.request(reqwest::Method::POST, "/v1/tokens").json(&body))
+        .await?;
+    if api.json {
+        api.print_json(&v);
+        return Ok(());
+    }
+    eprintln!(
+        "single-use join token, valid for {}s; join with: agentmesh start --join TOKEN --bootstrap ADDR",
+        ttl.as_secs()
+    );
+    println!("{}", s(&v, "token"));
+    Ok(())
+}
+
+async fn rename(api: &Api, name: &str) -> Result<()> {
+    let body = serde_json::json!({ "name": name });
+    let v = api
+        .json(api.request(reqwest::Method::POST, "/v1/rename").json(&body))
+        .await?;
+    if api.json {
+        api.print_json(&v);
+    } else {
+        println!("renamed to {}", s(&v, "name"));
+    }
+    Ok(())
+}
+
+fn kv_path(key: &str, if_version: Option<u64>) -> String {
+    match if_version {
+        Some(v) => format!("/v1/kv/{}?if_version={v}", urlencode(key)),
+        None => format!("/v1/kv/{}", urlencode(key)),
+    }
+}
+
+async fn kv_put(api: &Api, key: &str, value: &str, if_version: Option<u64>) -> Result<()> {
+    // JSON as given; anything else is stored as a string.
+    let value: Value =
+        serde_json::from_str(value).unwrap_or_else(|_| Value::String(value.to_string()));
+    let v = api
+        .json(
+            api.request(reqwest::Method::PUT, &kv_path(key, if_version))
+                .json(&value),
+        )
+        .await?;
+    if api.json {
+        api.print_json(&v);
+    } else {
+        println!("{key} = version {}", v["version"].as_u64().unwrap_or(0));
+    }
+    Ok(())
+}
+
+async fn kv_get(api: &Api, key: &str) -> Result<()> {
+    let v = api
+        .json(api.request(reqwest::Method::GET, &kv_path(key, None)))
+        .await?;
+    if api.json {
+        api.print_json(&v);
+    } else {
+        match &v["value"] {
+            Value::String(text) => println!("{text}"),
+            other => println!("{other}"),
+        }
+    }
+    Ok(())
+}
+
+async fn kv_list(api: &Api, prefix: &str) -> Result<()> {
+    let path = format!("/v1/kv?prefix={}", urlencode(prefix));
+    let v = api.json(api.request(reqwest::Method::GET, &path)).await?;
+    if api.json {
+        api.print_json(&v);
+        return Ok(());
+    }
+    for e in v.as_array().into_iter().flatten() {
+        println!(
+            "{:<40} v{:<8} {}",
+            s(e, "key"),
+            e["version"].as_u64().unwrap_or(0),
+            e["value"]
+        );
+    }
+    Ok(())
+}
+
+async fn kv_delete(api: &Api, key: &str, if_version: Option<u64>) -> Result<()> {
+    let v = api
+        .json(api.request(reqwest::Method::DELETE, &kv_path(key, if_version)))
+        .await?;
+    if api.json {
+        api.print_json(&v);
+    } else if v["deleted"].as_bool() == Some(true) {
+        println!("deleted {key}");
+    } else {
+        println!("{key} did not exist");
+    }
+    Ok(())
 }
 
 fn unreachable_start() -> Result<()> {
@@ -132,6 +298,14 @@ async fn status(api: &Api) -> Result<()> {
     println!(
         "connected:  {} peers",
         v["connected_peers"].as_u64().unwrap_or(0)
+    );
+    let raft = &v["raft"];
+    println!(
+        "cluster:    {} as {} (term {}, leader {})",
+        s(raft, "cluster_id"),
+        s(raft, "role"),
+        raft["term"].as_u64().unwrap_or(0),
+        raft["leader"].as_str().unwrap_or("none known")
     );
     Ok(())
 }

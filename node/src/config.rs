@@ -2,6 +2,7 @@
 //! then flags (flags win), then validated.
 
 use crate::cli::StartArgs;
+use agentmesh_consensus::{ClusterConfig, MAX_BOOTSTRAP_EXPECT};
 use libp2p::Multiaddr;
 use serde::Deserialize;
 use std::{
@@ -39,6 +40,14 @@ pub struct NodeConfig {
     pub blob_serve_bytes_per_sec: u64,
     /// Largest blob accepted by upload or fetch.
     pub max_blob_size: u64,
+    /// Join token to enter an existing cluster with.
+    pub join: Option<String>,
+    /// File holding the shared cluster key.
+    pub cluster_key_file: Option<PathBuf>,
+    /// Key holders to wait for before founding a cluster together.
+    pub bootstrap_expect: Option<usize>,
+    /// Raft tuning.
+    pub raft: ClusterConfig,
 }
 
 /// Configuration errors, each naming the setting at fault.
@@ -88,6 +97,10 @@ struct FileConfig {
     api_key_file: Option<PathBuf>,
     blob_serve_bytes_per_sec: Option<u64>,
     max_blob_size: Option<u64>,
+    join: Option<String>,
+    cluster_key_file: Option<PathBuf>,
+    bootstrap_expect: Option<usize>,
+    raft: Option<ClusterConfig>,
 }
 
 impl NodeConfig {
@@ -135,6 +148,10 @@ impl NodeConfig {
                 .or(file.blob_serve_bytes_per_sec)
                 .unwrap_or(0),
             max_blob_size: file.max_blob_size.unwrap_or(DEFAULT_MAX_BLOB_SIZE),
+            join: args.join.clone().or(file.join),
+            cluster_key_file: args.cluster_key_file.clone().or(file.cluster_key_file),
+            bootstrap_expect: args.bootstrap_expect.or(file.bootstrap_expect),
+            raft: raft_config(args, file.raft.unwrap_or_default()),
         };
         config.validate()?;
         Ok(config)
@@ -155,6 +172,32 @@ impl NodeConfig {
                 self.api
             )));
         }
+        self.raft
+            .validate()
+            .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        if let Some(n) = self.bootstrap_expect {
+            if self.cluster_key_file.is_none() {
+                return Err(ConfigError::Invalid(
+                    "--bootstrap-expect needs --cluster-key-file: only nodes sharing a key \
+                     found a cluster together"
+                        .into(),
+                ));
+            }
+            if n == 0 || n > MAX_BOOTSTRAP_EXPECT {
+                return Err(ConfigError::Value {
+                    key: "bootstrap-expect",
+                    value: n.to_string(),
+                    reason: format!("must be 1 to {MAX_BOOTSTRAP_EXPECT}"),
+                });
+            }
+            if self.join.is_some() {
+                return Err(ConfigError::Invalid(
+                    "--join and --bootstrap-expect exclude each other: a token joins an \
+                     existing cluster, --bootstrap-expect founds one"
+                        .into(),
+                ));
+            }
+        }
         if self.max_blob_size == 0 {
             return Err(ConfigError::Invalid(
                 "max_blob_size must be positive".into(),
@@ -162,6 +205,27 @@ impl NodeConfig {
         }
         Ok(())
     }
+}
+
+/// The `[raft]` file section with flags (and their env twins) over it.
+fn raft_config(args: &StartArgs, mut raft: ClusterConfig) -> ClusterConfig {
+    if let Some(v) = args.raft_heartbeat_ms {
+        raft.heartbeat_ms = v;
+    }
+    if let Some(v) = args.raft_election_timeout_ms {
+        raft.election_timeout_min_ms = v;
+        raft.election_timeout_max_ms = v.saturating_mul(2);
+    }
+    if let Some(v) = args.raft_unreachable_secs {
+        raft.unreachable_secs = v;
+    }
+    if let Some(v) = args.raft_snapshot_after {
+        raft.snapshot_after_entries = v;
+    }
+    if args.raft_voters.is_some() {
+        raft.voters = args.raft_voters;
+    }
+    raft
 }
 
 /// Checks a node name: 1–63 characters of ASCII letters, digits, `.`, `_` or `-`.

@@ -19,3 +19,4 @@ pub mod metrics;
 pub mod network;
 pub mod node;
 pub mod peers;
+pub mod raft;

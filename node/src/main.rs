@@ -28,7 +28,11 @@ fn main() -> ExitCode {
     // A node logs its life at info; client commands only speak up on trouble.
     init_logging(
         cli.log_format,
-        if is_node { "info,libp2p=warn" } else { "warn" },
+        if is_node {
+            "info,libp2p=warn,openraft=warn"
+        } else {
+            "warn"
+        },
     );
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,

@@ -11,6 +11,7 @@ use crate::{
 };
 use agentmesh_protocols::{
     blob::{BlobHash, BlobRequest, BlobResponse, ResponseBody},
+    raft::RaftFrame,
     Envelope, Kind, MeshBehaviour, MeshBehaviourEvent, MeshConfig, IDENTIFY_PROTOCOL_VERSION,
     MAX_ENVELOPE_SIZE,
 };
@@ -74,6 +75,14 @@ pub enum NetworkError {
     /// Other publish failure.
     #[error("publish failed: {0}")]
     Publish(String),
+    /// The peer could not be dialled at all (nothing was delivered).
+    #[error("cannot reach {peer}: {reason}")]
+    Unreachable {
+        /// Peer dialled.
+        peer: PeerId,
+        /// Why.
+        reason: String,
+    },
     /// A blob request failed.
     #[error("blob request to {peer} failed: {reason}")]
     Request {
@@ -98,6 +107,13 @@ pub enum NodeEvent {
         /// The peer.
         peer_id: String,
     },
+    /// The Raft leader changed (or became unknown).
+    LeaderChanged {
+        /// The new leader's node id (hex), if one is known.
+        leader: Option<String>,
+        /// Its peer id.
+        leader_peer_id: Option<String>,
+    },
     /// A valid gossip message arrived on a subscribed topic.
     Gossip {
         /// Topic.
@@ -121,6 +137,20 @@ pub struct InboundBlobRequest {
     /// Where the answer goes.
     pub channel: request_response::ResponseChannel<BlobResponse>,
 }
+
+/// A Raft protocol request from a peer, waiting for the cluster's answer.
+pub struct InboundRaftRequest {
+    /// Who asks (authenticated by the connection).
+    pub peer: PeerId,
+    /// The encoded request.
+    pub frame: Vec<u8>,
+    /// Where the answer goes.
+    pub channel: request_response::ResponseChannel<RaftFrame>,
+}
+
+/// Depth of the queue of inbound Raft requests; when full, requests are dropped
+/// (the sender sees a failed RPC and retries, as after any network fault).
+pub const INBOUND_RAFT_QUEUE: usize = 1024;
 
 /// This node's view of itself.
 #[derive(Debug, Clone, Serialize)]
@@ -190,6 +220,15 @@ pub enum Command {
         request_response::ResponseChannel<BlobResponse>,
         BlobResponse,
     ),
+    /// Send a Raft protocol request, dialling `Vec<Multiaddr>` if not connected.
+    RaftRequest(
+        PeerId,
+        Vec<Multiaddr>,
+        Vec<u8>,
+        Reply<Result<Vec<u8>, NetworkError>>,
+    ),
+    /// Answer an inbound Raft protocol request.
+    RaftRespond(request_response::ResponseChannel<RaftFrame>, Vec<u8>),
     /// Own status.
     Status(Reply<NetworkStatus>),
     /// Every known peer.
@@ -261,6 +300,24 @@ impl NetworkHandle {
     ) {
         let _ = self.tx.send(Command::BlobRespond(channel, response)).await;
     }
+    /// Sends a Raft protocol request to `peer` (dialling `addrs` if needed).
+    pub async fn raft_request(
+        &self,
+        peer: PeerId,
+        addrs: Vec<Multiaddr>,
+        frame: Vec<u8>,
+    ) -> Result<Vec<u8>, NetworkError> {
+        self.call(|r| Command::RaftRequest(peer, addrs, frame, r))
+            .await?
+    }
+    /// Answers an inbound Raft protocol request.
+    pub async fn raft_respond(
+        &self,
+        channel: request_response::ResponseChannel<RaftFrame>,
+        frame: Vec<u8>,
+    ) {
+        let _ = self.tx.send(Command::RaftRespond(channel, frame)).await;
+    }
     /// Own status.
     pub async fn status(&self) -> Result<NetworkStatus, NetworkError> {
         self.call(Command::Status).await
@@ -289,6 +346,8 @@ pub struct NetworkParams {
     pub events: broadcast::Sender<NodeEvent>,
     /// Where inbound blob requests go.
     pub inbound_blobs: mpsc::Sender<InboundBlobRequest>,
+    /// Where inbound Raft protocol requests go.
+    pub inbound_raft: mpsc::Sender<InboundRaftRequest>,
 }
 
 /// Readiness facts the node's `/readyz` uses.
@@ -367,7 +426,13 @@ pub fn spawn(
         // Members of a cluster stay connected: gossip, blob fetches and (later)
         // Raft all need the connection, and the peer manager would only redial a
         // connection closed for idleness. Dead peers are found by ping instead.
-        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(24 * 3600)))
+        .with_swarm_config(|c| {
+            c.with_idle_connection_timeout(Duration::from_secs(24 * 3600))
+                // Propose the protocol and send the request in the same flight instead
+                // of waiting for the listener to confirm it: saves a round trip on every
+                // Raft RPC and blob request (each opens a stream).
+                .with_substream_upgrade_protocol_override(libp2p::core::upgrade::Version::V1Lazy)
+        })
         .build();
 
     let mut listeners = HashSet::new();
@@ -398,6 +463,7 @@ pub fn spawn(
         metrics: params.metrics,
         events: params.events,
         inbound_blobs: params.inbound_blobs,
+        inbound_raft: params.inbound_raft,
         bootstrap: params
             .bootstrap
             .into_iter()
@@ -413,6 +479,7 @@ pub fn spawn(
         subscriptions: HashMap::new(),
         pending_providers: HashMap::new(),
         pending_blob: HashMap::new(),
+        pending_raft: HashMap::new(),
         kad_bootstrapped: false,
     };
     let join = tokio::spawn(async move { task.run().await });
@@ -474,6 +541,7 @@ struct Task {
     metrics: Arc<Metrics>,
     events: broadcast::Sender<NodeEvent>,
     inbound_blobs: mpsc::Sender<InboundBlobRequest>,
+    inbound_raft: mpsc::Sender<InboundRaftRequest>,
     bootstrap: Vec<(Multiaddr, Backoff)>,
     bootstrap_dials: HashMap<ConnectionId, usize>,
     pending_listeners: HashSet<libp2p::core::transport::ListenerId>,
@@ -489,6 +557,8 @@ struct Task {
     pending_providers: HashMap<kad::QueryId, ProviderQuery>,
     pending_blob:
         HashMap<request_response::OutboundRequestId, Reply<Result<BlobResponse, NetworkError>>>,
+    pending_raft:
+        HashMap<request_response::OutboundRequestId, Reply<Result<Vec<u8>, NetworkError>>>,
     kad_bootstrapped: bool,
 }
 
@@ -716,6 +786,25 @@ impl Task {
             Command::BlobRequest(peer, request, reply) => {
                 let id = self.swarm.behaviour_mut().blob.send_request(&peer, request);
                 self.pending_blob.insert(id, reply);
+            }
+            Command::RaftRequest(peer, addrs, frame, reply) => {
+                for addr in addrs {
+                    self.swarm.add_peer_address(peer, addr);
+                }
+                let id = self
+                    .swarm
+                    .behaviour_mut()
+                    .raft
+                    .send_request(&peer, RaftFrame(frame));
+                self.pending_raft.insert(id, reply);
+            }
+            Command::RaftRespond(channel, frame) => {
+                // Fails only if the requester has gone away; nothing to do then.
+                let _ = self
+                    .swarm
+                    .behaviour_mut()
+                    .raft
+                    .send_response(channel, RaftFrame(frame));
             }
             Command::BlobRespond(channel, response) => {
                 if let ResponseBody::Chunk { data, .. } = &response.body {
@@ -972,6 +1061,7 @@ impl Task {
             MeshBehaviourEvent::Kad(ev) => self.on_kad_event(ev),
             MeshBehaviourEvent::Gossipsub(ev) => self.on_gossip_event(ev),
             MeshBehaviourEvent::Blob(ev) => self.on_blob_event(ev),
+            MeshBehaviourEvent::Raft(ev) => self.on_raft_event(ev),
             _ => {}
         }
     }
@@ -1144,6 +1234,58 @@ impl Task {
             }
             request_response::Event::InboundFailure { peer, error, .. } => {
                 tracing::debug!(%peer, %error, "inbound blob request failed");
+            }
+            request_response::Event::ResponseSent { .. } => {}
+        }
+    }
+}
+
+impl Task {
+    fn on_raft_event(&mut self, event: request_response::Event<RaftFrame, RaftFrame>) {
+        match event {
+            request_response::Event::Message { peer, message, .. } => match message {
+                request_response::Message::Request {
+                    request, channel, ..
+                } => {
+                    let inbound = InboundRaftRequest {
+                        peer,
+                        frame: request.0,
+                        channel,
+                    };
+                    // Dropping the channel when the queue is full fails the RPC at
+                    // the sender, which retries as after any network fault.
+                    if self.inbound_raft.try_send(inbound).is_err() {
+                        tracing::debug!(%peer, "raft request queue full; dropping");
+                    }
+                }
+                request_response::Message::Response {
+                    request_id,
+                    response,
+                } => {
+                    if let Some(reply) = self.pending_raft.remove(&request_id) {
+                        let _ = reply.send(Ok(response.0));
+                    }
+                }
+            },
+            request_response::Event::OutboundFailure {
+                peer,
+                request_id,
+                error,
+                ..
+            } => {
+                if let Some(reply) = self.pending_raft.remove(&request_id) {
+                    let reason = error.to_string();
+                    let e = match error {
+                        request_response::OutboundFailure::DialFailure => {
+                            NetworkError::Unreachable { peer, reason }
+                        }
+                        _ => NetworkError::Request { peer, reason },
+                    };
+                    let _ = reply.send(Err(e));
+                }
+            }
+            request_response::Event::InboundFailure { peer, error, .. } => {
+                tracing::debug!(%peer, %error, "inbound raft request failed");
             }
             request_response::Event::ResponseSent { .. } => {}
         }

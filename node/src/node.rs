@@ -7,10 +7,12 @@ use crate::{
     config::NodeConfig,
     identity,
     metrics::Metrics,
-    network::{self, NetworkParams, INBOUND_BLOB_QUEUE},
+    network::{self, NetworkParams, INBOUND_BLOB_QUEUE, INBOUND_RAFT_QUEUE},
     peers::PeerStore,
+    raft::{self as raft_glue, Entry, MeshTransport},
 };
-use anyhow::{bail, Context, Result};
+use agentmesh_consensus::{Cluster, Identity};
+use anyhow::{anyhow, bail, Context, Result};
 use serde_json::json;
 use std::{path::Path, sync::Arc, time::Duration};
 use tokio::sync::{broadcast, mpsc, watch};
@@ -34,8 +36,22 @@ pub async fn run(config: NodeConfig) -> Result<()> {
         Some(path) => Some(read_api_key(path)?),
         None => None,
     };
+    let cluster_key = match &config.cluster_key_file {
+        Some(path) => Some(load_cluster_key(path)?),
+        None => None,
+    };
     let keypair = identity::load_or_create(&config.data_dir)?;
     let peer_id = keypair.public().to_peer_id();
+    let secret = keypair
+        .clone()
+        .try_into_ed25519()
+        .map_err(|_| anyhow!("the node identity is not an Ed25519 key"))?
+        .secret();
+    let secret: [u8; 32] = secret
+        .as_ref()
+        .try_into()
+        .context("the identity's Ed25519 secret is not 32 bytes")?;
+    let signing_key = ed25519_dalek::SigningKey::from_bytes(&secret);
     let db_path = config.data_dir.join("db");
     let db = sled::open(&db_path).with_context(|| {
         format!(
@@ -52,6 +68,7 @@ pub async fn run(config: NodeConfig) -> Result<()> {
     )?);
     let (events, _) = broadcast::channel(EVENT_BUFFER);
     let (inbound_tx, inbound_rx) = mpsc::channel(INBOUND_BLOB_QUEUE);
+    let (raft_tx, raft_rx) = mpsc::channel(INBOUND_RAFT_QUEUE);
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
 
     let (net, mut readiness, net_task) = network::spawn(
@@ -64,6 +81,7 @@ pub async fn run(config: NodeConfig) -> Result<()> {
             metrics: metrics.clone(),
             events: events.clone(),
             inbound_blobs: inbound_tx,
+            inbound_raft: raft_tx,
         },
         shutdown_rx.clone(),
     )?;
@@ -79,6 +97,66 @@ pub async fn run(config: NodeConfig) -> Result<()> {
     }
     let fetcher = Arc::new(Fetcher::new(store.clone(), net.clone(), metrics.clone()));
 
+    let ready = tokio::time::timeout(LISTEN_TIMEOUT, readiness.wait_for(|r| r.listening))
+        .await
+        .context("listeners did not report their addresses in time")?
+        .context("network task stopped during start-up")?
+        .clone();
+    let listen_addrs: Vec<String> = ready.listen_addrs.iter().map(|a| a.to_string()).collect();
+
+    let has_key = cluster_key.is_some();
+    let cluster = Cluster::start(
+        &config.data_dir.join("raft"),
+        Identity {
+            peer_id: peer_id.to_string(),
+            signing_key,
+            name: config.name.clone(),
+            addrs: listen_addrs.clone(),
+            cluster_key,
+        },
+        config.raft.clone(),
+        Arc::new(MeshTransport::new(net.clone())),
+    )
+    .await
+    .context("starting the Raft node")?;
+    tokio::spawn(raft_glue::serve(cluster.clone(), net.clone(), raft_rx));
+    {
+        // Leader changes go to `/v1/events` subscribers.
+        let (cluster, events) = (cluster.clone(), events.clone());
+        let mut leader = cluster.leader_watch();
+        tokio::spawn(async move {
+            while leader.changed().await.is_ok() {
+                let id = *leader.borrow_and_update();
+                let _ = events.send(network::NodeEvent::LeaderChanged {
+                    leader: id.map(agentmesh_consensus::fmt_node_id),
+                    leader_peer_id: cluster.status().leader_peer_id,
+                });
+            }
+        });
+    }
+    let entry = if cluster.had_state() {
+        Entry::Resume
+    } else if let Some(token) = &config.join {
+        Entry::Join(token.clone())
+    } else if has_key && (config.bootstrap_expect.is_some() || !config.bootstrap.is_empty()) {
+        Entry::Key {
+            expect: config.bootstrap_expect,
+        }
+    } else if config.bootstrap.is_empty() {
+        Entry::Found
+    } else {
+        Entry::Wait
+    };
+    let (fatal_tx, mut fatal_rx) = mpsc::channel::<String>(1);
+    {
+        let (cluster, net) = (cluster.clone(), net.clone());
+        tokio::spawn(async move {
+            if let Err(e) = raft_glue::enter(&cluster, &net, entry).await {
+                let _ = fatal_tx.send(e.to_string()).await;
+            }
+        });
+    }
+
     let listener = tokio::net::TcpListener::bind(config.api)
         .await
         .with_context(|| format!("binding the API to {}", config.api))?;
@@ -90,6 +168,7 @@ pub async fn run(config: NodeConfig) -> Result<()> {
         metrics,
         events,
         readiness: readiness.clone(),
+        cluster: cluster.clone(),
         api_key,
         name: config.name.clone(),
         expects_peers: !config.bootstrap.is_empty(),
@@ -103,12 +182,6 @@ pub async fn run(config: NodeConfig) -> Result<()> {
             .await
     });
 
-    let ready = tokio::time::timeout(LISTEN_TIMEOUT, readiness.wait_for(|r| r.listening))
-        .await
-        .context("listeners did not report their addresses in time")?
-        .context("network task stopped during start-up")?
-        .clone();
-    let listen_addrs: Vec<String> = ready.listen_addrs.iter().map(|a| a.to_string()).collect();
     write_runtime_file(
         &runtime_file,
         &json!({
@@ -121,8 +194,18 @@ pub async fn run(config: NodeConfig) -> Result<()> {
     )?;
     tracing::info!(%peer_id, name = %config.name, api = %api_addr, ?listen_addrs, "node ready");
 
-    wait_for_signal().await?;
+    let fatal = tokio::select! {
+        r = wait_for_signal() => { r?; None }
+        Some(msg) = fatal_rx.recv() => Some(msg),
+    };
     tracing::info!("shutting down");
+    if fatal.is_none() {
+        // Hand our vote to the others before going: the cluster stops counting on us.
+        if let Err(e) = cluster.leave().await {
+            tracing::warn!(error = %e, "leaving the cluster");
+        }
+    }
+    cluster.shutdown().await;
     let _ = shutdown_tx.send(true);
     let _ = net_task.await;
     match api_task.await {
@@ -134,6 +217,9 @@ pub async fn run(config: NodeConfig) -> Result<()> {
         .await
         .context("flushing the node database")?;
     let _ = std::fs::remove_file(&runtime_file);
+    if let Some(msg) = fatal {
+        bail!("cannot join the cluster: {msg}");
+    }
     tracing::info!("stopped");
     Ok(())
 }
@@ -169,4 +255,20 @@ async fn wait_for_signal() -> Result<()> {
         _ = int.recv() => {}
     }
     Ok(())
+}
+
+/// Reads the cluster key, warning when others may read the file (it is a secret; container
+/// secret mounts are often world-readable, so this is not refused).
+fn load_cluster_key(path: &std::path::Path) -> Result<agentmesh_consensus::ClusterKey> {
+    use std::os::unix::fs::PermissionsExt;
+    let key = agentmesh_consensus::ClusterKey::from_file(path)?;
+    if let Ok(meta) = std::fs::metadata(path) {
+        if meta.permissions().mode() & 0o077 != 0 {
+            tracing::warn!(
+                path = %path.display(),
+                "the cluster key file is readable by group or others; chmod 600 it"
+            );
+        }
+    }
+    Ok(key)
 }

@@ -11,6 +11,8 @@
 //! - [`MeshBehaviour`]: one behaviour composing identify, ping, Kademlia, gossipsub,
 //!   the blob protocol and connection limits, every knob set explicitly in
 //!   [`MeshConfig`].
+//! - [`raft`]: the Raft protocol (`/agentmesh/raft/1.0.0`), opaque frames between
+//!   cluster members.
 //!
 //! # Usage
 //!
@@ -30,6 +32,7 @@ mod behaviour;
 pub mod blob;
 mod codec;
 mod envelope;
+pub mod raft;
 
 pub use behaviour::{
     gossip_message_id, BehaviourError, MeshBehaviour, MeshBehaviourEvent, MeshConfig,

@@ -9,6 +9,8 @@
 //! The binary is found through `AGENTMESH_BIN`, else next to the test executable
 //! (`target/<profile>/agentmesh`); build it first (`cargo build -p agentmesh`).
 
+pub mod linearizability;
+
 use anyhow::{anyhow, bail, Context, Result};
 use nix::{sys::signal::Signal, unistd::Pid};
 use serde_json::Value;
@@ -145,7 +147,8 @@ impl Node {
             .arg(&data_dir)
             .env(
                 "RUST_LOG",
-                std::env::var("RUST_LOG").unwrap_or_else(|_| "info,libp2p=warn".into()),
+                std::env::var("RUST_LOG")
+                    .unwrap_or_else(|_| "info,libp2p=warn,openraft=warn".into()),
             )
             .stdin(Stdio::null())
             .stdout(out.try_clone()?)
@@ -409,4 +412,171 @@ pub fn ok_stdout(out: &Output) -> Result<String> {
         );
     }
     Ok(String::from_utf8_lossy(&out.stdout).to_string())
+}
+
+/// Listen flags on a TCP and a UDP port that are free now, for nodes that must
+/// come back on the same addresses after a restart (as deployed nodes do).
+pub fn fixed_ports() -> Result<Vec<String>> {
+    let tcp = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let udp = std::net::UdpSocket::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    Ok(vec![
+        "--listen".into(),
+        format!("/ip4/127.0.0.1/tcp/{tcp}"),
+        "--listen".into(),
+        format!("/ip4/127.0.0.1/udp/{udp}/quic-v1"),
+    ])
+}
+
+/// Raft timings for tests: 50 ms heartbeats, elections after 300-600 ms of
+/// silence, dead voters replaced after 3 s.
+pub fn fast_raft_args() -> Vec<String> {
+    [
+        "--raft-heartbeat-ms",
+        "50",
+        "--raft-election-timeout-ms",
+        "300",
+        "--raft-unreachable-secs",
+        "3",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+impl Node {
+    /// `GET /v1/cluster`.
+    pub async fn cluster(&self) -> Result<Value> {
+        self.get_json("/v1/cluster").await
+    }
+
+    /// Issues a join token through the API.
+    pub async fn token(&self, ttl_secs: u64) -> Result<String> {
+        let res = self
+            .http
+            .post(self.url("/v1/tokens"))
+            .json(&serde_json::json!({ "ttl_secs": ttl_secs }))
+            .send()
+            .await?;
+        let status = res.status();
+        let v: Value = res.json().await?;
+        if !status.is_success() {
+            bail!("POST /v1/tokens: HTTP {status}: {v}");
+        }
+        v["token"]
+            .as_str()
+            .map(String::from)
+            .ok_or_else(|| anyhow!("no token in {v}"))
+    }
+
+    /// `PUT /v1/kv/{key}`; returns the HTTP status and body.
+    pub async fn kv_put(
+        &self,
+        key: &str,
+        value: &Value,
+        if_version: Option<u64>,
+    ) -> Result<(u16, Value)> {
+        let mut url = self.url(&format!("/v1/kv/{key}"));
+        if let Some(v) = if_version {
+            url.push_str(&format!("?if_version={v}"));
+        }
+        let res = self.http.put(url).json(value).send().await?;
+        let status = res.status().as_u16();
+        Ok((status, res.json().await.unwrap_or(Value::Null)))
+    }
+
+    /// `GET /v1/kv/{key}`; returns the HTTP status and body.
+    pub async fn kv_get(&self, key: &str) -> Result<(u16, Value)> {
+        let res = self
+            .http
+            .get(self.url(&format!("/v1/kv/{key}")))
+            .send()
+            .await?;
+        let status = res.status().as_u16();
+        Ok((status, res.json().await.unwrap_or(Value::Null)))
+    }
+
+    /// Whether `/readyz` answers 200.
+    pub async fn is_ready(&self) -> bool {
+        match self.http.get(self.url("/readyz")).send().await {
+            Ok(res) => res.status().is_success(),
+            Err(_) => false,
+        }
+    }
+}
+
+/// The leader's peer id as `node` sees it, if any.
+pub async fn leader_of(node: &Node) -> Option<String> {
+    let c = node.cluster().await.ok()?;
+    c["leader_peer_id"].as_str().map(String::from)
+}
+
+/// Voter count, learner count and active-member count as `node` sees them.
+pub async fn shape(node: &Node) -> Result<(usize, usize, usize)> {
+    let c = node.cluster().await?;
+    let len = |k: &str| c[k].as_array().map_or(0, Vec::len);
+    let active = c["members"]
+        .as_array()
+        .map_or(0, |m| m.iter().filter(|m| m["state"] == "active").count());
+    Ok((len("voters"), len("learners"), active))
+}
+
+/// Starts an `n`-node cluster on fixed ports: the first node founds it, the
+/// others join with tokens through it. Returns once every node is a member and
+/// the leader keeps `min(n, 3 or 5)` voters. `extra` goes to every node.
+pub async fn start_cluster(
+    root: &Path,
+    prefix: &str,
+    n: usize,
+    extra: &[String],
+) -> Result<Vec<Node>> {
+    let mut args = fixed_ports()?;
+    args.extend_from_slice(extra);
+    let first = Node::start(root, &format!("{prefix}0"), &args).await?;
+    wait_until("the founder to lead", Duration::from_secs(20), || async {
+        Ok(first.is_ready().await)
+    })
+    .await?;
+    let mut nodes = vec![first];
+    for i in 1..n {
+        let token = nodes[0].token(600).await?;
+        let mut args = fixed_ports()?;
+        args.extend_from_slice(extra);
+        args.extend([
+            "--bootstrap".into(),
+            nodes[0].tcp_addr(),
+            "--join".into(),
+            token,
+        ]);
+        nodes.push(Node::start(root, &format!("{prefix}{i}"), &args).await?);
+    }
+    let voters = match n {
+        0..=2 => 1,
+        3 | 4 => 3,
+        _ => 5,
+    };
+    wait_until(
+        "every node to be a member",
+        Duration::from_secs(30),
+        || async {
+            // Every node, not just one, must have applied the final (non-joint)
+            // configuration: until then an election may still need the old voters.
+            for node in &nodes {
+                if !node.is_ready().await {
+                    return Ok(false);
+                }
+                let (v, _, active) = shape(node).await?;
+                let settled = node.cluster().await?["membership_changing"] == false;
+                if v != voters || active != n || !settled {
+                    return Ok(false);
+                }
+            }
+            Ok(true)
+        },
+    )
+    .await?;
+    Ok(nodes)
 }

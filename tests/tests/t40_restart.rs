@@ -1,25 +1,9 @@
 //! Restarts: identity and peers survive, nodes reconnect on their own, shutdown is
 //! clean, and a damaged identity is refused rather than replaced.
 
-use agentmesh_tests::{wait_until, Node};
+use agentmesh_tests::{fixed_ports, wait_until, Node};
 use anyhow::Result;
 use std::time::Duration;
-
-/// Listen flags on a TCP and a UDP port that are free now.
-fn fixed_ports() -> Result<Vec<String>> {
-    let tcp = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
-    let udp = std::net::UdpSocket::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
-    Ok(vec![
-        "--listen".into(),
-        format!("/ip4/127.0.0.1/tcp/{tcp}"),
-        "--listen".into(),
-        format!("/ip4/127.0.0.1/udp/{udp}/quic-v1"),
-    ])
-}
 
 async fn sees_active(node: &Node, peer: &str) -> Result<bool> {
     Ok(node.active_peers().await?.iter().any(|p| p == peer))

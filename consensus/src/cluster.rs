@@ -1,0 +1,1666 @@
+//! The Raft handle the node uses: client operations (forwarded to the leader from any member),
+//! joining, tokens, status, and the leader's membership loop that keeps the cluster healthy.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use ed25519_dalek::SigningKey;
+use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
+use openraft::{ChangeMembers, ServerState};
+use serde::Serialize;
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::bootstrap::{self, BootstrapState, BootstrapStep, Decline, HelloReply, ProposerWatch};
+use crate::cluster_key::ClusterKey;
+use crate::config::{ClusterConfig, ConfigError};
+use crate::network::{self, Contacts, NetworkFactory, Transport, TransportError};
+use crate::rpc::{
+    self, ClientOp, ClientReply, RemoteError, RemoteErrorKind, RpcRequest, RpcResponse,
+};
+use crate::state::{KvEntry, MAX_KEY_LEN, MAX_NAME_LEN, MAX_VALUE_LEN};
+use crate::store::{SharedState, Storage};
+use crate::token::{JoinToken, TokenBody, TokenError, MAX_TOKEN_TTL_SECS};
+use crate::types::{
+    node_id_for, Command, CommandResult, MemberRecord, MemberState, NodeId, Raft, RaftNode,
+    Rejection,
+};
+
+/// How long a client operation may take, retries through leader changes included.
+pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most keys one list returns.
+pub const MAX_LIST: usize = 10_000;
+/// A learner this many entries behind the leader is not promoted yet.
+const PROMOTION_LAG: u64 = 256;
+/// How long a greeting or proposal to a peer waiting to found may take.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(3);
+/// The leader checks membership this often.
+const RECONCILE_EVERY: Duration = Duration::from_millis(500);
+/// Most commands grouped into one log entry.
+const MAX_BATCH_COMMANDS: usize = 1024;
+/// A batch closes once its commands hold this many bytes (so one entry stays far below the
+/// RPC limit even with `max_payload_entries` of them in one AppendEntries).
+const MAX_BATCH_BYTES: usize = 192 * 1024;
+/// Writes waiting to be proposed.
+const PROPOSAL_QUEUE: usize = 4096;
+
+/// A write waiting for the batcher.
+struct Proposal {
+    cmd: Command,
+    reply: oneshot::Sender<Result<CommandResult, ClusterError>>,
+}
+
+fn approx_size(cmd: &Command) -> usize {
+    match cmd {
+        Command::KvPut { key, value, .. } => key.len() + value.len() + 32,
+        Command::KvDelete { key, .. } => key.len() + 32,
+        _ => 512,
+    }
+}
+
+/// Proposes writes in batches: everything that queued up while the previous entry was being
+/// committed goes into the next one. openraft 0.9 commits one client entry at a time, so
+/// batching is what lets concurrent writers share a round of replication and a flush.
+async fn propose_batches(raft: Raft, mut queue: mpsc::Receiver<Proposal>) {
+    while let Some(first) = queue.recv().await {
+        let mut bytes = approx_size(&first.cmd);
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH_COMMANDS && bytes < MAX_BATCH_BYTES {
+            match queue.try_recv() {
+                Ok(p) => {
+                    bytes += approx_size(&p.cmd);
+                    batch.push(p);
+                }
+                Err(_) => break,
+            }
+        }
+        if batch.len() == 1 {
+            if let Some(p) = batch.pop() {
+                let result = raft
+                    .client_write(p.cmd)
+                    .await
+                    .map(|r| r.data)
+                    .map_err(map_write_err);
+                let _ = p.reply.send(result);
+            }
+            continue;
+        }
+        let (cmds, replies): (Vec<Command>, Vec<_>) =
+            batch.into_iter().map(|p| (p.cmd, p.reply)).unzip();
+        match raft.client_write(Command::Batch(cmds)).await {
+            Ok(resp) => match resp.data {
+                CommandResult::Batch(results) if results.len() == replies.len() => {
+                    for (reply, result) in replies.into_iter().zip(results) {
+                        let _ = reply.send(Ok(result));
+                    }
+                }
+                other => {
+                    for reply in replies {
+                        let e = ClusterError::Raft(format!("unexpected batch result {other:?}"));
+                        let _ = reply.send(Err(e));
+                    }
+                }
+            },
+            Err(e) => {
+                let retry = matches!(e, RaftError::APIError(ClientWriteError::ForwardToLeader(_)));
+                let message = e.to_string();
+                for reply in replies {
+                    let e = if retry {
+                        ClusterError::NoLeader(message.clone())
+                    } else {
+                        ClusterError::Raft(message.clone())
+                    };
+                    let _ = reply.send(Err(e));
+                }
+            }
+        }
+    }
+}
+
+/// Why a cluster operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    /// No leader is known (election in progress, or no quorum).
+    #[error("no leader: {0}")]
+    NoLeader(String),
+    /// This node is not a member of a cluster.
+    #[error("this node is not a member of a cluster")]
+    NotMember,
+    /// The state machine refused the command.
+    #[error(transparent)]
+    Rejected(#[from] Rejection),
+    /// A join token was refused.
+    #[error(transparent)]
+    Token(#[from] TokenError),
+    /// A member refused this node's join token.
+    #[error("join refused: {0}")]
+    JoinRefused(String),
+    /// The cluster key this node presented is not the cluster's.
+    #[error("cluster key refused: {0}")]
+    ClusterKey(String),
+    /// The request itself is invalid.
+    #[error("invalid request: {0}")]
+    Invalid(String),
+    /// The peer refused the request.
+    #[error("refused: {0}")]
+    Refused(String),
+    /// The leader could not be reached; a write may or may not have been applied.
+    #[error("leader unreachable, outcome unknown: {0}")]
+    Unavailable(String),
+    /// Storage failed.
+    #[error("storage: {0}")]
+    Storage(String),
+    /// Raft failed.
+    #[error("raft: {0}")]
+    Raft(String),
+    /// Bad configuration.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+}
+
+impl ClusterError {
+    /// Whether trying again (at the new leader) is safe and may succeed.
+    fn is_retryable(&self) -> bool {
+        matches!(self, ClusterError::NoLeader(_))
+    }
+
+    /// Whether a joining node should stop trying: the token itself was refused.
+    pub fn is_fatal_for_join(&self) -> bool {
+        matches!(
+            self,
+            ClusterError::Token(_)
+                | ClusterError::Rejected(_)
+                | ClusterError::Invalid(_)
+                | ClusterError::JoinRefused(_)
+                | ClusterError::ClusterKey(_)
+        )
+    }
+
+    fn to_remote(&self) -> RemoteError {
+        let kind = match self {
+            ClusterError::NoLeader(_) => RemoteErrorKind::NotLeader,
+            ClusterError::Token(_)
+            | ClusterError::Rejected(_)
+            | ClusterError::JoinRefused(_)
+            | ClusterError::ClusterKey(_) => RemoteErrorKind::Token,
+            ClusterError::Invalid(_) | ClusterError::Refused(_) | ClusterError::NotMember => {
+                RemoteErrorKind::Refused
+            }
+            _ => RemoteErrorKind::Unavailable,
+        };
+        let rejection = match self {
+            ClusterError::Rejected(r) => Some(r.clone()),
+            _ => None,
+        };
+        RemoteError {
+            kind,
+            message: self.to_string(),
+            rejection,
+        }
+    }
+
+    fn from_remote(e: RemoteError) -> Self {
+        if let Some(r) = e.rejection {
+            return ClusterError::Rejected(r);
+        }
+        match e.kind {
+            RemoteErrorKind::NotLeader => ClusterError::NoLeader(e.message),
+            RemoteErrorKind::Token => ClusterError::JoinRefused(e.message),
+            RemoteErrorKind::Refused => ClusterError::Refused(e.message),
+            RemoteErrorKind::Unavailable => ClusterError::Unavailable(e.message),
+        }
+    }
+}
+
+/// Who this node is.
+pub struct Identity {
+    /// libp2p peer id.
+    pub peer_id: String,
+    /// Ed25519 key of the identity; signs join tokens.
+    pub signing_key: SigningKey,
+    /// Human-readable name.
+    pub name: String,
+    /// Listen addresses.
+    pub addrs: Vec<String>,
+    /// The shared cluster key, if the node was given one (`--cluster-key-file`).
+    pub cluster_key: Option<ClusterKey>,
+}
+
+/// One member as `agentmesh cluster` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct MemberStatus {
+    /// Raft node id (hex).
+    pub node_id: String,
+    /// libp2p peer id.
+    pub peer_id: String,
+    /// Name.
+    pub name: String,
+    /// `voter`, `learner` or `none` (not in the Raft membership).
+    pub role: &'static str,
+    /// `active` or `left`.
+    pub state: MemberState,
+    /// Whether it is the leader.
+    pub leader: bool,
+    /// Milliseconds since it last answered this node (known on the leader only).
+    pub last_contact_ms: Option<u64>,
+    /// Highest log index known to be replicated to it (known on the leader only).
+    pub matched_index: Option<u64>,
+}
+
+/// The `raft` section of `/v1/status`, and `agentmesh cluster`.
+#[derive(Debug, Clone, Serialize)]
+pub struct RaftStatus {
+    /// Cluster id, once founded.
+    pub cluster_id: Option<String>,
+    /// This node's Raft id (hex).
+    pub node_id: String,
+    /// `leader`, `follower`, `candidate`, `learner` or `shutdown`.
+    pub role: &'static str,
+    /// Current term.
+    pub term: u64,
+    /// Leader's node id (hex), if known.
+    pub leader: Option<String>,
+    /// Leader's peer id, if known.
+    pub leader_peer_id: Option<String>,
+    /// Voter ids (hex).
+    pub voters: Vec<String>,
+    /// Learner ids (hex).
+    pub learners: Vec<String>,
+    /// A membership change is under way: the cluster is in a joint configuration, or the
+    /// latest configuration is not applied here yet. (While joint, a quorum of the old voters
+    /// is needed too: `voters` lists both sets.)
+    pub membership_changing: bool,
+    /// Last applied log index.
+    pub last_applied: Option<u64>,
+    /// Last log index.
+    pub last_log_index: Option<u64>,
+    /// Last snapshot's log index.
+    pub snapshot_index: Option<u64>,
+    /// Every member in the registry.
+    pub members: Vec<MemberStatus>,
+}
+
+/// Formats a node id the way it is shown to users (JSON numbers lose precision above 2^53).
+pub fn fmt_node_id(id: NodeId) -> String {
+    format!("{id:016x}")
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+struct Inner {
+    id: NodeId,
+    identity: Identity,
+    raft: Raft,
+    state: SharedState,
+    storage: Storage,
+    transport: Arc<dyn Transport>,
+    contacts: Contacts,
+    config: ClusterConfig,
+    had_state: bool,
+    proposals: mpsc::Sender<Proposal>,
+    bootstrap: tokio::sync::Mutex<Bootstrap>,
+}
+
+/// A waiting node's side of founding by cluster key.
+struct Bootstrap {
+    /// `--bootstrap-expect`, once the node has said it waits to found.
+    expect: Option<usize>,
+    /// What it promised (on disk).
+    state: BootstrapState,
+    /// When the proposer it promised was last heard from.
+    watch: ProposerWatch,
+}
+
+/// A handle on this node's Raft member. Cheap to clone.
+#[derive(Clone)]
+pub struct Cluster {
+    inner: Arc<Inner>,
+}
+
+impl Cluster {
+    /// Opens the Raft storage in `dir` and starts the Raft node. Does not found or join.
+    pub async fn start(
+        dir: &Path,
+        identity: Identity,
+        config: ClusterConfig,
+        transport: Arc<dyn Transport>,
+    ) -> Result<Self, ClusterError> {
+        config.validate()?;
+        let raft_config = Arc::new(config.to_openraft()?);
+        let storage = Storage::open(dir).map_err(|e| ClusterError::Storage(e.to_string()))?;
+        let had_state = storage.has_state();
+        let bootstrap = tokio::sync::Mutex::new(Bootstrap {
+            expect: None,
+            state: storage.load_bootstrap(),
+            watch: ProposerWatch::default(),
+        });
+        let (log, sm) = storage
+            .split()
+            .map_err(|e| ClusterError::Storage(e.to_string()))?;
+        let state = sm.shared();
+        let contacts = Contacts::default();
+        let id = node_id_for(&identity.peer_id);
+        let network = NetworkFactory {
+            transport: transport.clone(),
+            contacts: contacts.clone(),
+        };
+        let raft = Raft::new(id, raft_config, network, log, sm)
+            .await
+            .map_err(|e| ClusterError::Raft(e.to_string()))?;
+        let (proposals, queue) = mpsc::channel(PROPOSAL_QUEUE);
+        tokio::spawn(propose_batches(raft.clone(), queue));
+        let inner = Arc::new(Inner {
+            id,
+            identity,
+            raft,
+            state,
+            storage,
+            transport,
+            contacts,
+            config,
+            had_state,
+            proposals,
+            bootstrap,
+        });
+        tokio::spawn(reconcile_loop(Arc::downgrade(&inner)));
+        Ok(Self { inner })
+    }
+
+    /// This node's Raft id.
+    pub fn node_id(&self) -> NodeId {
+        self.inner.id
+    }
+
+    /// Whether the data dir held Raft state when the node started: such a node is (or was) a
+    /// member and must never found a new cluster.
+    pub fn had_state(&self) -> bool {
+        self.inner.had_state
+    }
+
+    /// Founds a new single-member cluster with this node as its voter. The leader then records
+    /// the cluster id and this member in the registry.
+    pub async fn found(&self) -> Result<(), ClusterError> {
+        let inner = &self.inner;
+        let initialized = inner
+            .raft
+            .is_initialized()
+            .await
+            .map_err(|e| ClusterError::Raft(e.to_string()))?;
+        if initialized || inner.had_state {
+            return Ok(());
+        }
+        let nodes = BTreeMap::from([(inner.id, inner.raft_node())]);
+        inner
+            .raft
+            .initialize(nodes)
+            .await
+            .map_err(|e| ClusterError::Raft(e.to_string()))?;
+        tracing::info!(node_id = %fmt_node_id(inner.id), "founded a new cluster");
+        Ok(())
+    }
+
+    /// Asks the members in `via` (tried in turn) to admit this node. Without a token this only
+    /// works for a member that left and comes back as itself.
+    pub async fn join(
+        &self,
+        token: Option<&str>,
+        via: &[RaftNode],
+    ) -> Result<String, ClusterError> {
+        if let Some(t) = token {
+            JoinToken::parse(t)?;
+        }
+        let identity = &self.inner.identity;
+        let request = RpcRequest::Join {
+            token: token.map(str::to_string),
+            name: identity.name.clone(),
+            addrs: identity.addrs.clone(),
+            key_proof: match (token, &identity.cluster_key) {
+                (None, Some(key)) => Some(key.prove(&identity.peer_id)),
+                _ => None,
+            },
+        };
+        let mut last = ClusterError::NoLeader("no member reachable".into());
+        for target in via {
+            if target.peer_id == self.inner.identity.peer_id {
+                continue;
+            }
+            let reply = network::call(
+                self.inner.transport.as_ref(),
+                target,
+                &request,
+                CLIENT_TIMEOUT,
+            )
+            .await;
+            match reply {
+                Ok(RpcResponse::Client(Ok(ClientReply::Joined { cluster_id }))) => {
+                    tracing::info!(%cluster_id, via = %target.peer_id, "joined the cluster");
+                    return Ok(cluster_id);
+                }
+                Ok(RpcResponse::Client(Err(e))) => {
+                    let token_refused = e.kind == RemoteErrorKind::Token;
+                    if token_refused && token.is_none() && identity.cluster_key.is_some() {
+                        return Err(ClusterError::ClusterKey(e.message));
+                    }
+                    let e = ClusterError::from_remote(e);
+                    if token_refused {
+                        return Err(e);
+                    }
+                    last = e;
+                }
+                Ok(RpcResponse::Refused(reason)) => last = ClusterError::Refused(reason),
+                Ok(other) => last = ClusterError::Refused(format!("unexpected reply {other:?}")),
+                Err(e) => last = ClusterError::Unavailable(e.to_string()),
+            }
+        }
+        Err(last)
+    }
+
+    /// One step of waiting to found or join by cluster key (`--bootstrap-expect`; `expect` is
+    /// `None` for a key holder that only joins). `candidates` are the peers to greet. Call it
+    /// until it returns [`BootstrapStep::Done`], or [`BootstrapStep::Join`] and a join
+    /// through those peers succeeds. See `bootstrap.rs` for the protocol.
+    pub async fn bootstrap_step(
+        &self,
+        expect: Option<usize>,
+        candidates: &[RaftNode],
+    ) -> Result<BootstrapStep, ClusterError> {
+        let inner = &self.inner;
+        let Some(key) = inner.identity.cluster_key.clone() else {
+            return Err(ClusterError::Invalid("no cluster key".into()));
+        };
+        if let Some(n) = expect {
+            if n == 0 || n > bootstrap::MAX_BOOTSTRAP_EXPECT {
+                return Err(ClusterError::Invalid(format!(
+                    "--bootstrap-expect must be 1..={}",
+                    bootstrap::MAX_BOOTSTRAP_EXPECT
+                )));
+            }
+        }
+        inner.bootstrap.lock().await.expect = expect;
+        if inner.storage.has_state() {
+            return Ok(BootstrapStep::Done);
+        }
+        let me = inner.identity.peer_id.clone();
+        let hello = RpcRequest::Hello {
+            key_proof: Some(key.prove(&me)),
+        };
+        let replies = self.call_all(candidates, &hello, HELLO_TIMEOUT).await;
+        let mut holders = BTreeMap::from([(me.clone(), inner.member_record())]);
+        let mut members = Vec::new();
+        let mut proposing = BTreeMap::new();
+        for (node, reply) in replies {
+            let Ok(RpcResponse::Hello(r)) = reply else {
+                continue;
+            };
+            if r.cluster_id.is_some() {
+                members.push(node);
+                continue;
+            }
+            let holds = r
+                .key_proof
+                .as_ref()
+                .is_some_and(|p| key.verifies(&node.peer_id, p));
+            if !holds || r.expect != expect {
+                continue;
+            }
+            proposing.insert(
+                node.peer_id.clone(),
+                r.accepted.as_deref() == Some(&node.peer_id),
+            );
+            holders.insert(
+                node.peer_id.clone(),
+                MemberRecord {
+                    node_id: node_id_for(&node.peer_id),
+                    peer_id: node.peer_id.clone(),
+                    public_key: r.public_key,
+                    name: r.name,
+                    addrs: r.addrs,
+                    joined_at: unix_now(),
+                    state: MemberState::Active,
+                },
+            );
+        }
+        if !members.is_empty() {
+            return Ok(BootstrapStep::Join(members));
+        }
+        let Some(expect) = expect else {
+            return Ok(BootstrapStep::Wait(
+                "no member of a cluster seen yet".into(),
+            ));
+        };
+        // Bound to someone else's proposal: wait for it, unless it has lapsed.
+        {
+            let mut b = inner.bootstrap.lock().await;
+            if let Some(p) = b.state.accepted.clone().filter(|p| p.proposer != me) {
+                let gave_up = match proposing.get(&p.proposer) {
+                    Some(true) => {
+                        b.watch.heard(&p.proposer);
+                        false
+                    }
+                    Some(false) => true,
+                    None => b.watch.lapsed(&p.proposer),
+                };
+                if !gave_up {
+                    return Ok(BootstrapStep::Wait(format!(
+                        "promised to found with {}",
+                        p.proposer
+                    )));
+                }
+                tracing::info!(proposer = %p.proposer, "the founding proposal this node accepted has lapsed");
+                let freed = BootstrapState::default();
+                inner
+                    .storage
+                    .save_bootstrap(&freed)
+                    .await
+                    .map_err(|e| ClusterError::Storage(e.to_string()))?;
+                b.state = freed;
+            }
+        }
+        let set = match bootstrap::choose_set(&me, &holders, expect) {
+            Ok(set) => set,
+            Err(why) => return Ok(BootstrapStep::Wait(why)),
+        };
+        self.propose(&key, set).await
+    }
+
+    /// The proposer's side: promise ourselves, ask everyone else in `set`, and initialize Raft
+    /// only if all of them accepted.
+    async fn propose(
+        &self,
+        key: &ClusterKey,
+        set: Vec<MemberRecord>,
+    ) -> Result<BootstrapStep, ClusterError> {
+        let inner = &self.inner;
+        let me = inner.identity.peer_id.clone();
+        {
+            let mut b = inner.bootstrap.lock().await;
+            if inner.storage.has_state() {
+                return Ok(BootstrapStep::Done);
+            }
+            let mine = BootstrapState {
+                accepted: Some(bootstrap::Proposal {
+                    proposer: me.clone(),
+                    members: set.clone(),
+                }),
+            };
+            if b.state != mine {
+                inner
+                    .storage
+                    .save_bootstrap(&mine)
+                    .await
+                    .map_err(|e| ClusterError::Storage(e.to_string()))?;
+                b.state = mine;
+            }
+        }
+        let others: Vec<RaftNode> = set
+            .iter()
+            .filter(|m| m.peer_id != me)
+            .map(MemberRecord::raft_node)
+            .collect();
+        let request = RpcRequest::Propose {
+            members: set.clone(),
+            key_proof: key.prove(&me),
+        };
+        let replies = self.call_all(&others, &request, HELLO_TIMEOUT).await;
+        let refusals: Vec<String> = replies
+            .iter()
+            .filter_map(|(node, r)| match r {
+                Ok(RpcResponse::Proposal(Ok(()))) => None,
+                Ok(RpcResponse::Proposal(Err(d))) => Some(format!("{}: {d}", node.peer_id)),
+                Ok(other) => Some(format!("{}: unexpected reply {other:?}", node.peer_id)),
+                Err(e) => Some(format!("{}: {e}", node.peer_id)),
+            })
+            .collect();
+        if refusals.is_empty() {
+            let nodes: BTreeMap<NodeId, RaftNode> =
+                set.iter().map(|m| (m.node_id, m.raft_node())).collect();
+            inner
+                .raft
+                .initialize(nodes)
+                .await
+                .map_err(|e| ClusterError::Raft(e.to_string()))?;
+            let names: Vec<&str> = set.iter().map(|m| m.name.as_str()).collect();
+            tracing::info!(members = ?names, "founded a cluster with the expected key holders");
+            return Ok(BootstrapStep::Done);
+        }
+        // Not everyone agreed: free the ones that did and try again later.
+        let _ = self
+            .call_all(&others, &RpcRequest::Release, HELLO_TIMEOUT)
+            .await;
+        {
+            let mut b = inner.bootstrap.lock().await;
+            let freed = BootstrapState::default();
+            inner
+                .storage
+                .save_bootstrap(&freed)
+                .await
+                .map_err(|e| ClusterError::Storage(e.to_string()))?;
+            b.state = freed;
+        }
+        Ok(BootstrapStep::Wait(format!(
+            "proposal not accepted by all: {}",
+            refusals.join("; ")
+        )))
+    }
+
+    /// Sends `request` to every node at once and collects the answers.
+    async fn call_all(
+        &self,
+        nodes: &[RaftNode],
+        request: &RpcRequest,
+        timeout: Duration,
+    ) -> Vec<(RaftNode, Result<RpcResponse, TransportError>)> {
+        let bytes = rpc::encode(request);
+        let mut calls = tokio::task::JoinSet::new();
+        for node in nodes {
+            if node.peer_id == self.inner.identity.peer_id {
+                continue;
+            }
+            let transport = self.inner.transport.clone();
+            let node = node.clone();
+            let bytes = bytes.clone();
+            calls.spawn(async move {
+                let reply = transport
+                    .call(&node, bytes, timeout)
+                    .await
+                    .and_then(|b| rpc::decode(&b).map_err(TransportError::Other));
+                (node, reply)
+            });
+        }
+        let mut out = Vec::with_capacity(nodes.len());
+        while let Some(joined) = calls.join_next().await {
+            if let Ok(r) = joined {
+                out.push(r);
+            }
+        }
+        out
+    }
+
+    /// Whether this node is an active member of the Raft membership (voter or learner).
+    pub fn is_member(&self) -> bool {
+        let metrics = self.inner.raft.metrics();
+        let m = metrics.borrow();
+        m.membership_config
+            .membership()
+            .get_node(&self.inner.id)
+            .is_some()
+    }
+
+    /// Candidates to rejoin through: every other member this node knows of.
+    pub fn known_members(&self) -> Vec<RaftNode> {
+        let Ok(applied) = self.inner.state.read() else {
+            return Vec::new();
+        };
+        let mut nodes: Vec<RaftNode> = applied
+            .state
+            .members
+            .values()
+            .filter(|m| m.node_id != self.inner.id)
+            .map(MemberRecord::raft_node)
+            .collect();
+        for (id, node) in applied.membership.membership().nodes() {
+            if *id != self.inner.id && !nodes.iter().any(|n| n.peer_id == node.peer_id) {
+                nodes.push(node.clone());
+            }
+        }
+        nodes
+    }
+
+    /// Whether this node left gracefully (or was never admitted) and should ask to come back.
+    pub fn needs_rejoin(&self) -> bool {
+        let left = self.inner.state.read().is_ok_and(|a| {
+            a.state
+                .members
+                .get(&self.inner.id)
+                .is_some_and(|m| m.state == MemberState::Left)
+        });
+        left || (self.inner.had_state && !self.is_member())
+    }
+
+    /// Writes a key. `if_version`: compare-and-set (0 = create only).
+    pub async fn kv_put(
+        &self,
+        key: &str,
+        value: &serde_json::Value,
+        if_version: Option<u64>,
+    ) -> Result<u64, ClusterError> {
+        validate_key(key)?;
+        let value = value.to_string();
+        if value.len() > MAX_VALUE_LEN {
+            return Err(ClusterError::Invalid(format!(
+                "value of {} bytes exceeds {MAX_VALUE_LEN}",
+                value.len()
+            )));
+        }
+        let cmd = Command::KvPut {
+            key: key.to_string(),
+            value,
+            if_version,
+        };
+        match self.write(cmd).await? {
+            CommandResult::Written { version } => Ok(version),
+            other => Err(ClusterError::Raft(format!("unexpected result {other:?}"))),
+        }
+    }
+
+    /// Deletes a key; returns whether it existed.
+    pub async fn kv_delete(
+        &self,
+        key: &str,
+        if_version: Option<u64>,
+    ) -> Result<bool, ClusterError> {
+        validate_key(key)?;
+        match self
+            .write(Command::KvDelete {
+                key: key.to_string(),
+                if_version,
+            })
+            .await?
+        {
+            CommandResult::Deleted { existed } => Ok(existed),
+            other => Err(ClusterError::Raft(format!("unexpected result {other:?}"))),
+        }
+    }
+
+    /// Reads a key, linearizably.
+    pub async fn kv_get(&self, key: &str) -> Result<Option<KvEntry>, ClusterError> {
+        validate_key(key)?;
+        match self.inner.execute(ClientOp::KvGet(key.to_string())).await? {
+            ClientReply::Kv(entry) => Ok(entry),
+            other => Err(ClusterError::Raft(format!("unexpected reply {other:?}"))),
+        }
+    }
+
+    /// Lists keys starting with `prefix` (at most [`MAX_LIST`]), linearizably.
+    pub async fn kv_list(&self, prefix: &str) -> Result<Vec<(String, KvEntry)>, ClusterError> {
+        if prefix.len() > MAX_KEY_LEN {
+            return Err(ClusterError::Invalid(format!(
+                "prefix longer than {MAX_KEY_LEN} bytes"
+            )));
+        }
+        match self
+            .inner
+            .execute(ClientOp::KvList(prefix.to_string()))
+            .await?
+        {
+            ClientReply::KvList(entries) => Ok(entries),
+            other => Err(ClusterError::Raft(format!("unexpected reply {other:?}"))),
+        }
+    }
+
+    /// Renames this node everywhere.
+    pub async fn rename(&self, name: &str) -> Result<(), ClusterError> {
+        validate_name(name)?;
+        let cmd = Command::Rename {
+            node_id: self.inner.id,
+            name: name.to_string(),
+        };
+        self.write(cmd).await.map(|_| ())
+    }
+
+    /// Issues a single-use join token valid for `ttl`. Returns the token and its expiry.
+    pub fn issue_token(&self, ttl: Duration) -> Result<(String, u64), ClusterError> {
+        if ttl.is_zero() || ttl.as_secs() > MAX_TOKEN_TTL_SECS {
+            return Err(ClusterError::Invalid(format!(
+                "ttl must be between 1 second and {MAX_TOKEN_TTL_SECS} seconds"
+            )));
+        }
+        let cluster_id = {
+            let applied = self.inner.state.read().map_err(|_| poisoned())?;
+            let active = applied
+                .state
+                .members
+                .get(&self.inner.id)
+                .is_some_and(|m| m.state == MemberState::Active);
+            match (&applied.state.cluster_id, active) {
+                (Some(id), true) => id.clone(),
+                _ => return Err(ClusterError::NotMember),
+            }
+        };
+        let expires_at = unix_now() + ttl.as_secs();
+        let body = TokenBody {
+            cluster_id,
+            issuer: self.inner.id,
+            expires_at,
+            nonce: rand::random::<[u8; 16]>().to_vec(),
+        };
+        Ok((
+            JoinToken::issue(&self.inner.identity.signing_key, body),
+            expires_at,
+        ))
+    }
+
+    /// Leaves the cluster gracefully: marks this member as left and waits (bounded) until the
+    /// leader has taken it out of the voters; the leader then removes it entirely.
+    pub async fn leave(&self) -> Result<(), ClusterError> {
+        let others = {
+            let applied = self.inner.state.read().map_err(|_| poisoned())?;
+            applied
+                .state
+                .active_members()
+                .filter(|m| m.node_id != self.inner.id)
+                .count()
+        };
+        if others == 0 || !self.is_member() {
+            return Ok(());
+        }
+        self.write(Command::Leave {
+            node_id: self.inner.id,
+        })
+        .await?;
+        let mut metrics = self.inner.raft.metrics();
+        let id = self.inner.id;
+        let removed = tokio::time::timeout(
+            CLIENT_TIMEOUT,
+            // Out of the voters is what matters: the cluster no longer counts on us. (Once
+            // removed entirely we may never hear of it: nobody replicates to us then.)
+            metrics.wait_for(|m| {
+                !m.membership_config
+                    .membership()
+                    .voter_ids()
+                    .any(|v| v == id)
+            }),
+        )
+        .await
+        .is_ok();
+        if removed {
+            Ok(())
+        } else {
+            Err(ClusterError::Unavailable(
+                "leader did not remove us in time".into(),
+            ))
+        }
+    }
+
+    /// Current status.
+    pub fn status(&self) -> RaftStatus {
+        let inner = &self.inner;
+        let metrics = inner.raft.metrics().borrow().clone();
+        let membership = metrics.membership_config.membership();
+        let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+        let learners: BTreeSet<NodeId> = membership.learner_ids().collect();
+        let is_leader = metrics.state == ServerState::Leader;
+        let replication = metrics.replication.clone().unwrap_or_default();
+        let (cluster_id, registry) = match inner.state.read() {
+            Ok(a) => (a.state.cluster_id.clone(), a.state.members.clone()),
+            Err(_) => (None, BTreeMap::new()),
+        };
+        let members = registry
+            .values()
+            .map(|m| MemberStatus {
+                node_id: fmt_node_id(m.node_id),
+                peer_id: m.peer_id.clone(),
+                name: m.name.clone(),
+                role: if voters.contains(&m.node_id) {
+                    "voter"
+                } else if learners.contains(&m.node_id) {
+                    "learner"
+                } else {
+                    "none"
+                },
+                state: m.state,
+                leader: metrics.current_leader == Some(m.node_id),
+                last_contact_ms: if m.node_id == inner.id {
+                    Some(0)
+                } else if is_leader {
+                    inner
+                        .contacts
+                        .last(m.node_id)
+                        .map(|t| t.elapsed().as_millis() as u64)
+                } else {
+                    None
+                },
+                matched_index: replication
+                    .get(&m.node_id)
+                    .copied()
+                    .flatten()
+                    .map(|l| l.index),
+            })
+            .collect();
+        let leader_peer_id = metrics
+            .current_leader
+            .and_then(|l| membership.get_node(&l).map(|n| n.peer_id.clone()));
+        RaftStatus {
+            cluster_id,
+            node_id: fmt_node_id(inner.id),
+            role: match metrics.state {
+                ServerState::Leader => "leader",
+                ServerState::Follower => "follower",
+                ServerState::Candidate => "candidate",
+                ServerState::Learner => "learner",
+                ServerState::Shutdown => "shutdown",
+            },
+            term: metrics.current_term,
+            leader: metrics.current_leader.map(fmt_node_id),
+            leader_peer_id,
+            voters: voters.iter().copied().map(fmt_node_id).collect(),
+            learners: learners.iter().copied().map(fmt_node_id).collect(),
+            membership_changing: membership.get_joint_config().len() > 1
+                || metrics.membership_config.log_id().map(|l| l.index)
+                    > metrics.last_applied.map(|l| l.index),
+            last_applied: metrics.last_applied.map(|l| l.index),
+            last_log_index: metrics.last_log_index,
+            snapshot_index: metrics.snapshot.map(|l| l.index),
+            members,
+        }
+    }
+
+    /// Whether the node is a member of a founded cluster with a known leader (what `/readyz`
+    /// reports).
+    pub fn has_leader(&self) -> bool {
+        let metrics = self.inner.raft.metrics();
+        let m = metrics.borrow();
+        let founded = self
+            .inner
+            .state
+            .read()
+            .is_ok_and(|a| a.state.cluster_id.is_some());
+        founded
+            && m.current_leader.is_some()
+            && m.membership_config
+                .membership()
+                .get_node(&self.inner.id)
+                .is_some()
+    }
+
+    /// The current leader's id, updated as it changes.
+    pub fn leader_watch(&self) -> watch::Receiver<Option<NodeId>> {
+        let (tx, rx) = watch::channel(None);
+        let mut metrics = self.inner.raft.metrics();
+        tokio::spawn(async move {
+            loop {
+                let leader = metrics.borrow_and_update().current_leader;
+                tx.send_if_modified(|l| {
+                    let changed = *l != leader;
+                    *l = leader;
+                    changed
+                });
+                if metrics.changed().await.is_err() || tx.is_closed() {
+                    break;
+                }
+            }
+        });
+        rx
+    }
+
+    /// Answers a request from another node. `caller` is the authenticated peer id the request
+    /// arrived from and `caller_key` its Ed25519 public key.
+    pub async fn handle_rpc(&self, caller: &str, caller_key: &[u8], request: &[u8]) -> Vec<u8> {
+        let reply = self.inner.handle_rpc(caller, caller_key, request).await;
+        rpc::encode(&reply)
+    }
+
+    /// Flushes storage and stops Raft.
+    pub async fn shutdown(&self) {
+        if let Err(e) = self.inner.raft.shutdown().await {
+            tracing::warn!(error = %e, "raft shutdown");
+        }
+        if let Err(e) = self.inner.storage.flush() {
+            tracing::warn!(error = %e, "flushing raft storage");
+        }
+    }
+
+    async fn write(&self, cmd: Command) -> Result<CommandResult, ClusterError> {
+        match self.inner.execute(ClientOp::Write(cmd)).await? {
+            ClientReply::Applied(CommandResult::Rejected(r)) => Err(r.into()),
+            ClientReply::Applied(result) => Ok(result),
+            other => Err(ClusterError::Raft(format!("unexpected reply {other:?}"))),
+        }
+    }
+}
+
+fn validate_key(key: &str) -> Result<(), ClusterError> {
+    if key.is_empty() || key.len() > MAX_KEY_LEN {
+        return Err(ClusterError::Invalid(format!(
+            "key must be 1 to {MAX_KEY_LEN} bytes"
+        )));
+    }
+    if let Some(c) = key
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || "._-/:".contains(*c)))
+    {
+        return Err(ClusterError::Invalid(format!(
+            "key contains {c:?}; keys use letters, digits and . _ - / :"
+        )));
+    }
+    Ok(())
+}
+
+fn validate_name(name: &str) -> Result<(), ClusterError> {
+    if name.trim().is_empty() || name.len() > MAX_NAME_LEN || name.chars().any(char::is_control) {
+        return Err(ClusterError::Invalid(format!(
+            "name must be 1 to {MAX_NAME_LEN} bytes of printable text"
+        )));
+    }
+    Ok(())
+}
+
+fn poisoned() -> ClusterError {
+    ClusterError::Storage("state lock poisoned".into())
+}
+
+fn map_write_err(e: RaftError<NodeId, ClientWriteError<NodeId, RaftNode>>) -> ClusterError {
+    match e {
+        RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => {
+            ClusterError::NoLeader(format!("leadership moved to {:?}", f.leader_id))
+        }
+        RaftError::APIError(ClientWriteError::ChangeMembershipError(e)) => {
+            ClusterError::Raft(e.to_string())
+        }
+        RaftError::Fatal(e) => ClusterError::Raft(e.to_string()),
+    }
+}
+
+fn map_read_err(e: RaftError<NodeId, CheckIsLeaderError<NodeId, RaftNode>>) -> ClusterError {
+    match e {
+        RaftError::APIError(e) => ClusterError::NoLeader(e.to_string()),
+        RaftError::Fatal(e) => ClusterError::Raft(e.to_string()),
+    }
+}
+
+impl Inner {
+    fn raft_node(&self) -> RaftNode {
+        RaftNode {
+            peer_id: self.identity.peer_id.clone(),
+            addrs: self.identity.addrs.clone(),
+        }
+    }
+
+    fn member_record(&self) -> MemberRecord {
+        MemberRecord {
+            node_id: self.id,
+            peer_id: self.identity.peer_id.clone(),
+            public_key: self
+                .identity
+                .signing_key
+                .verifying_key()
+                .to_bytes()
+                .to_vec(),
+            name: self.identity.name.clone(),
+            addrs: self.identity.addrs.clone(),
+            joined_at: unix_now(),
+            state: MemberState::Active,
+        }
+    }
+
+    /// Runs a client operation on the leader, wherever it is, retrying through elections.
+    async fn execute(&self, op: ClientOp) -> Result<ClientReply, ClusterError> {
+        let deadline = Instant::now() + CLIENT_TIMEOUT;
+        let mut metrics = self.raft.metrics();
+        let in_cluster = metrics
+            .borrow()
+            .membership_config
+            .membership()
+            .nodes()
+            .count()
+            > 0;
+        if !in_cluster {
+            return Err(ClusterError::NotMember);
+        }
+        loop {
+            let leader = metrics.borrow_and_update().current_leader;
+            let attempt = match leader {
+                Some(l) if l == self.id => self.execute_local(op.clone()).await,
+                Some(l) => self.forward(l, &op).await,
+                None => Err(ClusterError::NoLeader("no leader elected".into())),
+            };
+            match attempt {
+                Err(e) if e.is_retryable() && Instant::now() < deadline => {
+                    // Wait for the leader to change (or a short while, in case it already has).
+                    let wait = deadline
+                        .saturating_duration_since(Instant::now())
+                        .min(Duration::from_millis(200));
+                    let _ = tokio::time::timeout(wait, metrics.changed()).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn forward(&self, leader: NodeId, op: &ClientOp) -> Result<ClientReply, ClusterError> {
+        let node = {
+            let metrics = self.raft.metrics();
+            let m = metrics.borrow();
+            m.membership_config.membership().get_node(&leader).cloned()
+        };
+        let Some(node) = node else {
+            return Err(ClusterError::NoLeader(format!(
+                "leader {} unknown",
+                fmt_node_id(leader)
+            )));
+        };
+        let request = RpcRequest::Forward(op.clone());
+        match network::call(self.transport.as_ref(), &node, &request, CLIENT_TIMEOUT).await {
+            Ok(RpcResponse::Client(reply)) => reply.map_err(ClusterError::from_remote),
+            Ok(RpcResponse::Refused(reason)) => Err(ClusterError::Refused(reason)),
+            Ok(other) => Err(ClusterError::Raft(format!("unexpected reply {other:?}"))),
+            // Not delivered at all: safe to try again once a leader is reachable.
+            Err(TransportError::Unreachable(e)) => Err(ClusterError::NoLeader(e)),
+            Err(e) => Err(ClusterError::Unavailable(e.to_string())),
+        }
+    }
+
+    async fn execute_local(&self, op: ClientOp) -> Result<ClientReply, ClusterError> {
+        match op {
+            ClientOp::Write(cmd) => {
+                let (reply, result) = oneshot::channel();
+                self.proposals
+                    .send(Proposal { cmd, reply })
+                    .await
+                    .map_err(|_| ClusterError::Raft("the proposer has stopped".into()))?;
+                let result = result
+                    .await
+                    .map_err(|_| ClusterError::Raft("the proposer has stopped".into()))??;
+                Ok(ClientReply::Applied(result))
+            }
+            ClientOp::KvGet(key) => {
+                self.raft
+                    .ensure_linearizable()
+                    .await
+                    .map_err(map_read_err)?;
+                let applied = self.state.read().map_err(|_| poisoned())?;
+                Ok(ClientReply::Kv(applied.state.kv.get(&key).cloned()))
+            }
+            ClientOp::KvList(prefix) => {
+                self.raft
+                    .ensure_linearizable()
+                    .await
+                    .map_err(map_read_err)?;
+                let applied = self.state.read().map_err(|_| poisoned())?;
+                let entries = applied
+                    .state
+                    .kv
+                    .range(prefix.clone()..)
+                    .take_while(|(k, _)| k.starts_with(&prefix))
+                    .take(MAX_LIST)
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect();
+                Ok(ClientReply::KvList(entries))
+            }
+            ClientOp::Join {
+                member,
+                token,
+                key_proof,
+            } => self.admit(member, token, key_proof).await,
+        }
+    }
+
+    /// On the leader: checks a join request and commits the new member.
+    async fn admit(
+        &self,
+        member: MemberRecord,
+        token: Option<String>,
+        key_proof: Option<Vec<u8>>,
+    ) -> Result<ClientReply, ClusterError> {
+        let now = unix_now();
+        let cluster_id = {
+            let applied = self.state.read().map_err(|_| poisoned())?;
+            applied.state.cluster_id.clone()
+        };
+        let Some(cluster_id) = cluster_id else {
+            return Err(ClusterError::NoLeader(
+                "the cluster is still being founded".into(),
+            ));
+        };
+        let token_use = match token {
+            Some(t) => {
+                let parsed = JoinToken::parse(&t)?;
+                let issuer_key = {
+                    let applied = self.state.read().map_err(|_| poisoned())?;
+                    applied
+                        .state
+                        .members
+                        .get(&parsed.body.issuer)
+                        .filter(|m| m.state == MemberState::Active)
+                        .map(|m| m.public_key.clone())
+                };
+                let Some(issuer_key) = issuer_key else {
+                    if parsed.body.cluster_id != cluster_id {
+                        return Err(TokenError::ForeignCluster {
+                            token: parsed.body.cluster_id,
+                            ours: cluster_id,
+                        }
+                        .into());
+                    }
+                    return Err(TokenError::UnknownIssuer(parsed.body.issuer).into());
+                };
+                parsed.verify(&issuer_key, &cluster_id, now)?;
+                Some(crate::types::TokenUse {
+                    nonce: parsed.body.nonce.clone(),
+                    expires_at: parsed.body.expires_at,
+                })
+            }
+            None => None,
+        };
+        let by_key = match (&token_use, key_proof) {
+            (None, Some(proof)) => self.check_key_proof(&member, &proof)?,
+            _ => false,
+        };
+        let node_id = member.node_id;
+        let raft_node = member.raft_node();
+        let cmd = Command::Join {
+            member,
+            token: token_use,
+            now,
+            by_key,
+        };
+        let resp = self.raft.client_write(cmd).await.map_err(map_write_err)?;
+        if let CommandResult::Rejected(r) = resp.data {
+            return Err(r.into());
+        }
+        let known = {
+            let metrics = self.raft.metrics();
+            let m = metrics.borrow();
+            m.membership_config
+                .membership()
+                .get_node(&node_id)
+                .is_some()
+        };
+        if !known {
+            // The reconciler would do this within a tick; doing it now makes joins prompt.
+            if let Err(e) = self.raft.add_learner(node_id, raft_node, false).await {
+                tracing::debug!(error = %e, "add_learner after join; the reconciler retries");
+            }
+        }
+        Ok(ClientReply::Joined { cluster_id })
+    }
+
+    /// Whether a joining node's cluster-key proof admits it. A former member coming back
+    /// needs no key, so a bad proof only refuses a newcomer.
+    fn check_key_proof(&self, member: &MemberRecord, proof: &[u8]) -> Result<bool, ClusterError> {
+        let applied = self.state.read().map_err(|_| poisoned())?;
+        let former = applied.state.members.contains_key(&member.node_id);
+        let Some(public) = &applied.state.cluster_key else {
+            return if former {
+                Ok(false)
+            } else {
+                Err(Rejection::NoClusterKey.into())
+            };
+        };
+        if ClusterKey::verify(public, &member.peer_id, proof) {
+            Ok(true)
+        } else if former {
+            Ok(false)
+        } else {
+            Err(ClusterError::ClusterKey(
+                "it is not this cluster's key".into(),
+            ))
+        }
+    }
+
+    async fn handle_rpc(&self, caller: &str, caller_key: &[u8], bytes: &[u8]) -> RpcResponse {
+        let request: RpcRequest = match rpc::decode(bytes) {
+            Ok(r) => r,
+            Err(e) => return RpcResponse::Refused(e),
+        };
+        let caller_id = node_id_for(caller);
+        let spoofed = || {
+            RpcResponse::Refused(format!(
+                "peer {caller} sent a Raft message in another node's name"
+            ))
+        };
+        match request {
+            RpcRequest::AppendEntries(r) => {
+                if r.vote.leader_id.node_id != caller_id {
+                    return spoofed();
+                }
+                RpcResponse::AppendEntries(self.raft.append_entries(r).await)
+            }
+            RpcRequest::Vote(r) => {
+                if r.vote.leader_id.node_id != caller_id {
+                    return spoofed();
+                }
+                RpcResponse::Vote(self.raft.vote(r).await)
+            }
+            RpcRequest::InstallSnapshot(r) => {
+                if r.vote.leader_id.node_id != caller_id {
+                    return spoofed();
+                }
+                RpcResponse::InstallSnapshot(self.raft.install_snapshot(r).await)
+            }
+            RpcRequest::Forward(op) => {
+                let is_member = self.state.read().is_ok_and(|a| {
+                    a.state
+                        .members
+                        .get(&caller_id)
+                        .is_some_and(|m| m.state == MemberState::Active)
+                });
+                if !is_member {
+                    return RpcResponse::Refused(format!("peer {caller} is not a member"));
+                }
+                if self.raft.current_leader().await != Some(self.id) {
+                    let e = ClusterError::NoLeader("not the leader".into());
+                    return RpcResponse::Client(Err(e.to_remote()));
+                }
+                RpcResponse::Client(self.execute_local(op).await.map_err(|e| e.to_remote()))
+            }
+            RpcRequest::Join {
+                token,
+                name,
+                addrs,
+                key_proof,
+            } => {
+                let founded = self
+                    .state
+                    .read()
+                    .is_ok_and(|a| a.state.cluster_id.is_some());
+                if !founded {
+                    return RpcResponse::Client(Err(ClusterError::NotMember.to_remote()));
+                }
+                if let Err(e) = validate_name(&name) {
+                    return RpcResponse::Client(Err(e.to_remote()));
+                }
+                if addrs.len() > 32 || addrs.iter().any(|a| a.len() > 256) {
+                    let e = ClusterError::Invalid("too many or too long addresses".into());
+                    return RpcResponse::Client(Err(e.to_remote()));
+                }
+                let member = MemberRecord {
+                    node_id: caller_id,
+                    peer_id: caller.to_string(),
+                    public_key: caller_key.to_vec(),
+                    name,
+                    addrs,
+                    joined_at: unix_now(),
+                    state: MemberState::Active,
+                };
+                let reply = self
+                    .execute(ClientOp::Join {
+                        member,
+                        token,
+                        key_proof,
+                    })
+                    .await;
+                RpcResponse::Client(reply.map_err(|e| e.to_remote()))
+            }
+            RpcRequest::Hello { key_proof } => {
+                let holds_key = match (&self.identity.cluster_key, &key_proof) {
+                    (Some(key), Some(proof)) => key.verifies(caller, proof),
+                    _ => false,
+                };
+                RpcResponse::Hello(self.hello_reply(holds_key).await)
+            }
+            RpcRequest::Propose { members, key_proof } => {
+                RpcResponse::Proposal(self.consider_proposal(caller, members, &key_proof).await)
+            }
+            RpcRequest::Release => {
+                let mut b = self.bootstrap.lock().await;
+                if b.state
+                    .accepted
+                    .as_ref()
+                    .is_some_and(|p| p.proposer == caller)
+                {
+                    b.state.accepted = None;
+                    if let Err(e) = self.storage.save_bootstrap(&b.state).await {
+                        tracing::warn!(error = %e, "cannot save the bootstrap state");
+                    }
+                }
+                RpcResponse::Released
+            }
+        }
+    }
+
+    /// Describes this node to a greeting peer. Only a peer that proved it holds our cluster
+    /// key learns our own proof and whom we promised.
+    async fn hello_reply(&self, holds_key: bool) -> HelloReply {
+        let cluster_id = self
+            .state
+            .read()
+            .ok()
+            .and_then(|a| a.state.cluster_id.clone());
+        let b = self.bootstrap.lock().await;
+        HelloReply {
+            name: self.identity.name.clone(),
+            addrs: self.identity.addrs.clone(),
+            public_key: self.member_record().public_key,
+            key_proof: self
+                .identity
+                .cluster_key
+                .as_ref()
+                .filter(|_| holds_key)
+                .map(|k| k.prove(&self.identity.peer_id)),
+            cluster_id,
+            accepted: b
+                .state
+                .accepted
+                .as_ref()
+                .filter(|_| holds_key)
+                .map(|p| p.proposer.clone()),
+            expect: b.expect,
+        }
+    }
+
+    /// The acceptor's side of founding: promise `caller` to found with `members`, on disk
+    /// before answering, unless this node is in a cluster or promised someone else.
+    async fn consider_proposal(
+        &self,
+        caller: &str,
+        members: Vec<MemberRecord>,
+        key_proof: &[u8],
+    ) -> Result<(), Decline> {
+        let Some(key) = &self.identity.cluster_key else {
+            return Err(Decline::Invalid("this node holds no cluster key".into()));
+        };
+        if !key.verifies(caller, key_proof) {
+            return Err(Decline::Invalid(
+                "the proposer does not hold our cluster key".into(),
+            ));
+        }
+        let mut b = self.bootstrap.lock().await;
+        if self.storage.has_state() {
+            return Err(Decline::InCluster);
+        }
+        bootstrap::check_proposal(&b.state, &self.member_record(), b.expect, caller, &members)?;
+        let accepted = bootstrap::Proposal {
+            proposer: caller.to_string(),
+            members,
+        };
+        if b.state.accepted.as_ref() != Some(&accepted) {
+            let promised = BootstrapState {
+                accepted: Some(accepted),
+            };
+            self.storage
+                .save_bootstrap(&promised)
+                .await
+                .map_err(|e| Decline::Invalid(format!("cannot save the promise: {e}")))?;
+            b.state = promised;
+        }
+        b.watch.heard(caller);
+        Ok(())
+    }
+
+    /// One pass of the leader's membership loop. Makes at most one membership change.
+    async fn reconcile(&self, leader_since: Instant) -> Result<(), ClusterError> {
+        let metrics = self.raft.metrics().borrow().clone();
+        let (cluster_id, registry) = {
+            let applied = self.state.read().map_err(|_| poisoned())?;
+            (
+                applied.state.cluster_id.clone(),
+                applied.state.members.clone(),
+            )
+        };
+        let membership = metrics.membership_config.membership().clone();
+        if cluster_id.is_none() {
+            // Founded but not yet named (the founder may have stopped in between). Alone, or
+            // as one of the key holders that all accepted the founding set.
+            let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+            let members = if voters == BTreeSet::from([self.id]) {
+                Some(vec![self.member_record()])
+            } else {
+                let b = self.bootstrap.lock().await;
+                b.state
+                    .accepted
+                    .as_ref()
+                    .filter(|p| {
+                        p.members.iter().map(|m| m.node_id).collect::<BTreeSet<_>>() == voters
+                    })
+                    .map(|p| p.members.clone())
+            };
+            if let Some(members) = members {
+                let cmd = Command::Found {
+                    cluster_id: hex_id(rand::random::<[u8; 16]>()),
+                    members,
+                    cluster_key: self
+                        .identity
+                        .cluster_key
+                        .as_ref()
+                        .map(|k| k.public_key().to_vec()),
+                };
+                self.raft.client_write(cmd).await.map_err(map_write_err)?;
+            }
+            return Ok(());
+        }
+        if membership.get_joint_config().len() > 1 {
+            return Ok(()); // a change is in progress
+        }
+        let in_raft: BTreeSet<NodeId> = membership.nodes().map(|(id, _)| *id).collect();
+        let active: BTreeSet<NodeId> = registry
+            .values()
+            .filter(|m| m.state == MemberState::Active)
+            .map(|m| m.node_id)
+            .collect();
+
+        // 1. Admitted members that are not in the Raft membership yet become learners.
+        if let Some(m) = registry
+            .values()
+            .find(|m| m.state == MemberState::Active && !in_raft.contains(&m.node_id))
+        {
+            tracing::info!(node = %m.name, "adding learner");
+            self.raft
+                .add_learner(m.node_id, m.raft_node(), false)
+                .await
+                .map_err(map_write_err)?;
+            return Ok(());
+        }
+
+        // 2. Keep the target number of healthy voters.
+        let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+        let learners: BTreeSet<NodeId> = membership.learner_ids().collect();
+        let eligible: BTreeSet<NodeId> = active.intersection(&in_raft).copied().collect();
+        let target = self.config.voter_target(eligible.len());
+        let unreachable_after = self.config.unreachable_after();
+        // Time since a node last answered us; a node we never heard from since we became
+        // leader is given the benefit of the doubt until `unreachable_after` has passed.
+        let silence = |id: NodeId| -> Option<Duration> {
+            if id == self.id {
+                return Some(Duration::ZERO);
+            }
+            self.contacts.last(id).map(|t| t.elapsed())
+        };
+        let healthy = |id: NodeId| match silence(id) {
+            Some(s) => s < unreachable_after,
+            None => leader_since.elapsed() < unreachable_after,
+        };
+        // Most recently heard from first; never heard from last.
+        let by_recency = |ids: Vec<NodeId>| {
+            let mut ids = ids;
+            ids.sort_by_key(|id| (silence(*id).unwrap_or(Duration::MAX), *id));
+            ids
+        };
+        let last_index = metrics.last_log_index.unwrap_or(0);
+        let replication = metrics.replication.clone().unwrap_or_default();
+        let caught_up = |id: NodeId| {
+            replication
+                .get(&id)
+                .copied()
+                .flatten()
+                .is_some_and(|m| m.index + PROMOTION_LAG >= last_index)
+        };
+        let healthy_voters = by_recency(
+            voters
+                .iter()
+                .copied()
+                .filter(|v| eligible.contains(v) && healthy(*v))
+                .collect(),
+        );
+        let promotable = by_recency(
+            learners
+                .iter()
+                .copied()
+                .filter(|l| eligible.contains(l) && healthy(*l) && caught_up(*l))
+                .collect(),
+        );
+        // Voters we cannot replace stay: a dead voter counts against quorum either way.
+        let stuck_voters: Vec<NodeId> = voters
+            .iter()
+            .copied()
+            .filter(|v| eligible.contains(v) && !healthy(*v))
+            .collect();
+        let mut desired: Vec<NodeId> = Vec::new();
+        if eligible.contains(&self.id) {
+            desired.push(self.id);
+        }
+        for id in healthy_voters
+            .into_iter()
+            .chain(promotable)
+            .chain(stuck_voters)
+        {
+            if desired.len() >= target {
+                break;
+            }
+            if !desired.contains(&id) {
+                desired.push(id);
+            }
+        }
+        let desired: BTreeSet<NodeId> = desired.into_iter().collect();
+        if !desired.is_empty() && desired != voters {
+            tracing::info!(
+                from = ?voters.iter().map(|v| fmt_node_id(*v)).collect::<Vec<_>>(),
+                to = ?desired.iter().map(|v| fmt_node_id(*v)).collect::<Vec<_>>(),
+                "changing voters"
+            );
+            self.raft
+                .change_membership(ChangeMembers::ReplaceAllVoters(desired), true)
+                .await
+                .map_err(map_write_err)?;
+            return Ok(());
+        }
+
+        // 3. Members that left are removed once they no longer vote.
+        let gone: BTreeSet<NodeId> = in_raft
+            .iter()
+            .filter(|id| !voters.contains(id) && !active.contains(id))
+            .copied()
+            .collect();
+        if !gone.is_empty() {
+            tracing::info!(nodes = ?gone.iter().map(|v| fmt_node_id(*v)).collect::<Vec<_>>(), "removing members that left");
+            self.raft
+                .change_membership(ChangeMembers::RemoveNodes(gone), true)
+                .await
+                .map_err(map_write_err)?;
+        }
+        Ok(())
+    }
+}
+
+fn hex_id(bytes: [u8; 16]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+async fn reconcile_loop(inner: Weak<Inner>) {
+    let mut tick = tokio::time::interval(RECONCILE_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut leader_since: Option<Instant> = None;
+    loop {
+        tick.tick().await;
+        let Some(inner) = inner.upgrade() else { break };
+        let state = inner.raft.metrics().borrow().state;
+        match state {
+            ServerState::Shutdown => break,
+            ServerState::Leader => {
+                let since = *leader_since.get_or_insert_with(Instant::now);
+                let pass = tokio::time::timeout(CLIENT_TIMEOUT, inner.reconcile(since)).await;
+                match pass {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => tracing::debug!(error = %e, "membership pass"),
+                    Err(_) => tracing::warn!("membership change did not commit in time"),
+                }
+            }
+            _ => leader_since = None,
+        }
+    }
+}

@@ -1,0 +1,133 @@
+//! What travels between members: Raft's own RPCs, requests forwarded to the leader, and join
+//! requests from nodes that are not members yet. CBOR, decoded with a size limit.
+
+use openraft::error::{InstallSnapshotError, RaftError};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::bootstrap::{Decline, HelloReply};
+use crate::state::KvEntry;
+use crate::types::{Command, CommandResult, MemberRecord, NodeId, TypeConfig};
+
+/// Largest RPC message: 64 entries of 64 KiB plus framing, or a 1 MiB snapshot chunk.
+pub const MAX_RPC_SIZE: usize = 16 * 1024 * 1024;
+
+/// A request from one node to another.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum RpcRequest {
+    AppendEntries(AppendEntriesRequest<TypeConfig>),
+    Vote(VoteRequest<NodeId>),
+    InstallSnapshot(InstallSnapshotRequest<TypeConfig>),
+    /// A member passing a client operation to the leader.
+    Forward(ClientOp),
+    /// A node asking to join (or, without a token, to come back). The caller's identity is the
+    /// authenticated peer the request arrived from.
+    Join {
+        token: Option<String>,
+        name: String,
+        addrs: Vec<String>,
+        /// Proof of holding the cluster key, to join without a token.
+        #[serde(default, with = "serde_bytes")]
+        key_proof: Option<Vec<u8>>,
+    },
+    /// A node waiting to found (or join) by cluster key greeting a peer.
+    Hello {
+        #[serde(with = "serde_bytes")]
+        key_proof: Option<Vec<u8>>,
+    },
+    /// The caller proposes to found a cluster with these members (see `bootstrap.rs`).
+    Propose {
+        members: Vec<MemberRecord>,
+        #[serde(with = "serde_bytes")]
+        key_proof: Vec<u8>,
+    },
+    /// The caller gives up its proposal; whoever accepted it is free again.
+    Release,
+}
+
+/// The reply to an [`RpcRequest`].
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum RpcResponse {
+    AppendEntries(Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>>),
+    Vote(Result<VoteResponse<NodeId>, RaftError<NodeId>>),
+    InstallSnapshot(
+        Result<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>>,
+    ),
+    Client(Result<ClientReply, RemoteError>),
+    Hello(HelloReply),
+    Proposal(Result<(), Decline>),
+    Released,
+    /// The request could not be decoded or was not allowed.
+    Refused(String),
+}
+
+/// An operation a client asks of the cluster; run on the leader.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum ClientOp {
+    Write(Command),
+    KvGet(String),
+    KvList(String),
+    Join {
+        member: MemberRecord,
+        token: Option<String>,
+        #[serde(default, with = "serde_bytes")]
+        key_proof: Option<Vec<u8>>,
+    },
+}
+
+/// The leader's answer to a [`ClientOp`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum ClientReply {
+    Applied(CommandResult),
+    Kv(Option<KvEntry>),
+    KvList(Vec<(String, KvEntry)>),
+    Joined { cluster_id: String },
+}
+
+/// A [`crate::ClusterError`] carried back over the wire.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct RemoteError {
+    pub(crate) kind: RemoteErrorKind,
+    pub(crate) message: String,
+    /// The state machine's verdict, when that is what failed.
+    pub(crate) rejection: Option<crate::types::Rejection>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum RemoteErrorKind {
+    NotLeader,
+    Refused,
+    Token,
+    Unavailable,
+}
+
+pub(crate) fn encode<T: Serialize>(msg: &T) -> Vec<u8> {
+    let mut out = Vec::new();
+    if let Err(e) = ciborium::into_writer(msg, &mut out) {
+        tracing::error!(error = %e, "encoding an RPC failed");
+    }
+    out
+}
+
+pub(crate) fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, String> {
+    if bytes.len() > MAX_RPC_SIZE {
+        return Err(format!(
+            "message of {} bytes exceeds {MAX_RPC_SIZE}",
+            bytes.len()
+        ));
+    }
+    ciborium::from_reader(bytes).map_err(|e| format!("malformed message: {e}"))
+}
+
+/// Decodes a request the way the node does on arrival; for fuzzing.
+pub fn fuzz_decode_request(bytes: &[u8]) -> bool {
+    decode::<RpcRequest>(bytes).is_ok()
+}

@@ -1,0 +1,595 @@
+//! The replicated state: member registry, versioned key-value configuration and used join
+//! tokens. Pure and deterministic: every member applies the same commands to the same state and
+//! reaches the same results. Persistence lives in `store.rs`.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::types::{Command, CommandResult, MemberRecord, MemberState, NodeId, Rejection};
+
+/// Longest key, in bytes.
+pub const MAX_KEY_LEN: usize = 256;
+/// Largest value, as JSON text, in bytes.
+pub const MAX_VALUE_LEN: usize = 64 * 1024;
+/// All keys and values together may not exceed this many bytes (the snapshot travels whole).
+pub const MAX_KV_BYTES: usize = 64 * 1024 * 1024;
+/// Most members the registry holds.
+pub const MAX_MEMBERS: usize = 1024;
+/// Longest member name, in bytes.
+pub const MAX_NAME_LEN: usize = 128;
+
+/// A stored value and its version (the cluster revision of the write that produced it).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KvEntry {
+    /// JSON text.
+    pub value: String,
+    /// Revision of the last write: unique and increasing across all keys.
+    pub version: u64,
+}
+
+/// A consumed join token, kept until it would have expired anyway.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UsedToken {
+    /// When the token expires (unix seconds).
+    pub expires_at: u64,
+    /// Who used it.
+    pub node_id: NodeId,
+}
+
+/// Something `apply` changed, so the store can persist exactly that.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) enum Touched {
+    ClusterId,
+    Revision,
+    Member(NodeId),
+    Kv(String),
+    Token(Vec<u8>),
+}
+
+/// The whole replicated state.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterState {
+    /// Set by the first `Found` command.
+    pub cluster_id: Option<String>,
+    /// Public half of the cluster key, if the cluster was founded with one.
+    #[serde(default, with = "serde_bytes")]
+    pub cluster_key: Option<Vec<u8>>,
+    /// Member registry by node id.
+    pub members: BTreeMap<NodeId, MemberRecord>,
+    /// Key-value configuration.
+    pub kv: BTreeMap<String, KvEntry>,
+    /// Bumped by every key write or delete; a key's version is the revision that wrote it.
+    pub revision: u64,
+    /// Consumed join-token nonces.
+    #[serde(with = "token_map")]
+    pub used_tokens: BTreeMap<Vec<u8>, UsedToken>,
+    /// Bytes held by keys and values, for the quota.
+    #[serde(skip)]
+    kv_bytes: usize,
+}
+
+impl ClusterState {
+    /// Recomputes derived fields after loading.
+    pub(crate) fn rebuild(&mut self) {
+        self.kv_bytes = self.kv.iter().map(|(k, v)| k.len() + v.value.len()).sum();
+    }
+
+    /// Applies `cmd`, recording what changed in `touched`.
+    pub(crate) fn apply(&mut self, cmd: &Command, touched: &mut Vec<Touched>) -> CommandResult {
+        match cmd {
+            Command::Batch(cmds) => CommandResult::Batch(
+                cmds.iter()
+                    .map(|c| match c {
+                        // Batches are flat: the leader never nests them.
+                        Command::Batch(_) => CommandResult::Rejected(Rejection::NestedBatch),
+                        c => self.apply(c, touched),
+                    })
+                    .collect(),
+            ),
+            Command::Found {
+                cluster_id,
+                members,
+                cluster_key,
+            } => {
+                if self.cluster_id.is_none() {
+                    self.cluster_id = Some(cluster_id.clone());
+                    self.cluster_key.clone_from(cluster_key);
+                    touched.push(Touched::ClusterId);
+                    for member in members.iter().take(MAX_MEMBERS) {
+                        self.members.insert(member.node_id, member.clone());
+                        touched.push(Touched::Member(member.node_id));
+                    }
+                }
+                CommandResult::Done
+            }
+            Command::Join {
+                member,
+                token,
+                now,
+                by_key,
+            } => {
+                if *by_key && self.cluster_key.is_none() {
+                    return CommandResult::Rejected(Rejection::NoClusterKey);
+                }
+                self.join(member, token.as_ref(), *by_key, *now, touched)
+            }
+            Command::Leave { node_id } => {
+                self.update_member(*node_id, touched, |m| m.state = MemberState::Left)
+            }
+            Command::Rename { node_id, name } => {
+                self.update_member(*node_id, touched, |m| m.name.clone_from(name))
+            }
+            Command::SetAddrs { node_id, addrs } => {
+                self.update_member(*node_id, touched, |m| m.addrs.clone_from(addrs))
+            }
+            Command::KvPut {
+                key,
+                value,
+                if_version,
+            } => {
+                if let Err(r) = self.check_version(key, *if_version) {
+                    return CommandResult::Rejected(r);
+                }
+                let current = self.kv.get(key);
+                let old = current.map_or(0, |e| key.len() + e.value.len());
+                let new_total = self.kv_bytes - old + key.len() + value.len();
+                if new_total > MAX_KV_BYTES {
+                    return CommandResult::Rejected(Rejection::QuotaExceeded {
+                        what: format!("{MAX_KV_BYTES} bytes of keys and values"),
+                    });
+                }
+                self.kv_bytes = new_total;
+                self.revision += 1;
+                touched.push(Touched::Revision);
+                let version = self.revision;
+                self.kv.insert(
+                    key.clone(),
+                    KvEntry {
+                        value: value.clone(),
+                        version,
+                    },
+                );
+                touched.push(Touched::Kv(key.clone()));
+                CommandResult::Written { version }
+            }
+            Command::KvDelete { key, if_version } => {
+                if let Err(r) = self.check_version(key, *if_version) {
+                    return CommandResult::Rejected(r);
+                }
+                match self.kv.remove(key) {
+                    Some(e) => {
+                        self.kv_bytes -= key.len() + e.value.len();
+                        self.revision += 1;
+                        touched.push(Touched::Revision);
+                        touched.push(Touched::Kv(key.clone()));
+                        CommandResult::Deleted { existed: true }
+                    }
+                    None => CommandResult::Deleted { existed: false },
+                }
+            }
+        }
+    }
+
+    /// Changes one member's record, or refuses if it is not a member.
+    fn update_member(
+        &mut self,
+        node_id: NodeId,
+        touched: &mut Vec<Touched>,
+        change: impl FnOnce(&mut MemberRecord),
+    ) -> CommandResult {
+        match self.members.get_mut(&node_id) {
+            Some(m) => {
+                change(m);
+                touched.push(Touched::Member(node_id));
+                CommandResult::Done
+            }
+            None => CommandResult::Rejected(Rejection::NotMember(node_id)),
+        }
+    }
+
+    /// Compare-and-set: `if_version` must be the key's version (0: the key must not exist).
+    fn check_version(&self, key: &str, if_version: Option<u64>) -> Result<(), Rejection> {
+        let Some(expected) = if_version else {
+            return Ok(());
+        };
+        let actual = self.kv.get(key).map(|e| e.version);
+        if actual.unwrap_or(0) == expected {
+            Ok(())
+        } else {
+            Err(Rejection::VersionMismatch {
+                key: key.to_string(),
+                expected,
+                actual,
+            })
+        }
+    }
+
+    fn join(
+        &mut self,
+        member: &MemberRecord,
+        token: Option<&crate::types::TokenUse>,
+        by_key: bool,
+        now: u64,
+        touched: &mut Vec<Touched>,
+    ) -> CommandResult {
+        if let Some(existing) = self.members.get(&member.node_id) {
+            if existing.peer_id != member.peer_id {
+                return CommandResult::Rejected(Rejection::NodeIdTaken {
+                    node_id: member.node_id,
+                    peer_id: existing.peer_id.clone(),
+                });
+            }
+        }
+        let former = self.members.get(&member.node_id);
+        match token {
+            None if by_key => {
+                if former.is_none() && self.members.len() >= MAX_MEMBERS {
+                    return CommandResult::Rejected(Rejection::QuotaExceeded {
+                        what: format!("{MAX_MEMBERS} members"),
+                    });
+                }
+            }
+            None => {
+                // Only a member that is known (left, or active but re-announcing itself) may
+                // come back without a token.
+                if former.is_none() {
+                    return CommandResult::Rejected(Rejection::TokenRequired);
+                }
+            }
+            Some(t) => {
+                if let Some(used) = self.used_tokens.get(&t.nonce) {
+                    // A retried join by the node that used the token is not a reuse.
+                    if used.node_id != member.node_id {
+                        return CommandResult::Rejected(Rejection::TokenUsed);
+                    }
+                } else {
+                    if now >= t.expires_at {
+                        return CommandResult::Rejected(Rejection::TokenExpired);
+                    }
+                    if former.is_none() && self.members.len() >= MAX_MEMBERS {
+                        return CommandResult::Rejected(Rejection::QuotaExceeded {
+                            what: format!("{MAX_MEMBERS} members"),
+                        });
+                    }
+                    self.used_tokens.insert(
+                        t.nonce.clone(),
+                        UsedToken {
+                            expires_at: t.expires_at,
+                            node_id: member.node_id,
+                        },
+                    );
+                    touched.push(Touched::Token(t.nonce.clone()));
+                }
+            }
+        }
+        // Expired tokens can never be presented again: forget them.
+        let expired: Vec<Vec<u8>> = self
+            .used_tokens
+            .iter()
+            .filter(|(_, u)| u.expires_at <= now)
+            .map(|(n, _)| n.clone())
+            .collect();
+        for nonce in expired {
+            self.used_tokens.remove(&nonce);
+            touched.push(Touched::Token(nonce));
+        }
+        let mut record = member.clone();
+        record.state = MemberState::Active;
+        if let Some(former) = self.members.get(&member.node_id) {
+            // Coming back keeps the name it had (a rename is replicated, the flag is not).
+            record.name.clone_from(&former.name);
+        }
+        self.members.insert(record.node_id, record);
+        touched.push(Touched::Member(member.node_id));
+        CommandResult::Done
+    }
+
+    /// Active members.
+    pub fn active_members(&self) -> impl Iterator<Item = &MemberRecord> {
+        self.members
+            .values()
+            .filter(|m| m.state == MemberState::Active)
+    }
+}
+
+/// CBOR maps keyed by byte strings: serialize the map as a list of pairs.
+mod token_map {
+    use std::collections::BTreeMap;
+
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    use super::UsedToken;
+
+    #[derive(Serialize, Deserialize)]
+    struct Pair {
+        #[serde(with = "serde_bytes")]
+        nonce: Vec<u8>,
+        used: UsedToken,
+    }
+
+    pub(super) fn serialize<S: Serializer>(
+        map: &BTreeMap<Vec<u8>, UsedToken>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        let pairs: Vec<Pair> = map
+            .iter()
+            .map(|(n, u)| Pair {
+                nonce: n.clone(),
+                used: u.clone(),
+            })
+            .collect();
+        pairs.serialize(s)
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<BTreeMap<Vec<u8>, UsedToken>, D::Error> {
+        let pairs = Vec::<Pair>::deserialize(d)?;
+        Ok(pairs.into_iter().map(|p| (p.nonce, p.used)).collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::types::TokenUse;
+
+    fn member(id: NodeId, peer: &str) -> MemberRecord {
+        MemberRecord {
+            node_id: id,
+            peer_id: peer.into(),
+            public_key: vec![0; 32],
+            name: peer.into(),
+            addrs: vec![],
+            joined_at: 0,
+            state: MemberState::Active,
+        }
+    }
+
+    fn apply(s: &mut ClusterState, _step: u64, cmd: Command) -> CommandResult {
+        s.apply(&cmd, &mut Vec::new())
+    }
+
+    #[test]
+    fn versions_are_revisions_and_cas_checks_them() {
+        let mut s = ClusterState::default();
+        let put = |v: &str, if_version| Command::KvPut {
+            key: "a".into(),
+            value: v.into(),
+            if_version,
+        };
+        let del = |if_version| Command::KvDelete {
+            key: "a".into(),
+            if_version,
+        };
+        assert_eq!(
+            apply(&mut s, 0, put("1", Some(0))),
+            CommandResult::Written { version: 1 }
+        );
+        assert!(matches!(
+            apply(&mut s, 0, put("2", Some(0))),
+            CommandResult::Rejected(Rejection::VersionMismatch {
+                actual: Some(1),
+                ..
+            })
+        ));
+        assert_eq!(
+            apply(&mut s, 0, put("3", Some(1))),
+            CommandResult::Written { version: 2 }
+        );
+        assert_eq!(s.kv["a"].value, "3");
+        assert!(matches!(
+            apply(&mut s, 0, del(Some(1))),
+            CommandResult::Rejected(_)
+        ));
+        assert_eq!(
+            apply(&mut s, 0, del(Some(2))),
+            CommandResult::Deleted { existed: true }
+        );
+        assert_eq!(s.kv_bytes, 0);
+        assert_eq!(s.revision, 3);
+    }
+
+    #[test]
+    fn a_batch_applies_in_order_with_distinct_versions() {
+        let mut s = ClusterState::default();
+        let put = |v: &str, if_version| Command::KvPut {
+            key: "k".into(),
+            value: v.into(),
+            if_version,
+        };
+        let batch = Command::Batch(vec![
+            put("1", Some(0)),
+            put("2", Some(1)),
+            put("stale", Some(1)),
+            Command::Batch(vec![]),
+        ]);
+        let CommandResult::Batch(results) = apply(&mut s, 0, batch) else {
+            panic!("a batch yields a batch result");
+        };
+        assert_eq!(results[0], CommandResult::Written { version: 1 });
+        assert_eq!(results[1], CommandResult::Written { version: 2 });
+        assert!(matches!(
+            results[2],
+            CommandResult::Rejected(Rejection::VersionMismatch { .. })
+        ));
+        assert_eq!(results[3], CommandResult::Rejected(Rejection::NestedBatch));
+        assert_eq!(s.kv["k"].value, "2");
+    }
+
+    #[test]
+    fn a_token_admits_one_node_once() {
+        let mut s = ClusterState::default();
+        apply(
+            &mut s,
+            1,
+            Command::Found {
+                cluster_id: "c".into(),
+                members: vec![member(1, "p1")],
+                cluster_key: None,
+            },
+        );
+        let token = TokenUse {
+            nonce: vec![7; 16],
+            expires_at: 100,
+        };
+        let join = |id, peer: &str, now| Command::Join {
+            member: member(id, peer),
+            token: Some(token.clone()),
+            now,
+            by_key: false,
+        };
+        assert_eq!(apply(&mut s, 2, join(2, "p2", 10)), CommandResult::Done);
+        assert_eq!(
+            apply(&mut s, 3, join(3, "p3", 10)),
+            CommandResult::Rejected(Rejection::TokenUsed)
+        );
+        // The same node retrying its own join is fine.
+        assert_eq!(apply(&mut s, 4, join(2, "p2", 11)), CommandResult::Done);
+        let late = Command::Join {
+            member: member(4, "p4"),
+            token: Some(TokenUse {
+                nonce: vec![8; 16],
+                expires_at: 100,
+            }),
+            now: 100,
+            by_key: false,
+        };
+        assert_eq!(
+            apply(&mut s, 5, late),
+            CommandResult::Rejected(Rejection::TokenExpired)
+        );
+        assert_eq!(s.active_members().count(), 2);
+    }
+
+    #[test]
+    fn colliding_node_ids_and_strangers_without_tokens_are_refused() {
+        let mut s = ClusterState::default();
+        apply(
+            &mut s,
+            1,
+            Command::Found {
+                cluster_id: "c".into(),
+                members: vec![member(1, "p1")],
+                cluster_key: None,
+            },
+        );
+        let r = apply(
+            &mut s,
+            2,
+            Command::Join {
+                member: member(1, "other"),
+                token: Some(TokenUse {
+                    nonce: vec![1],
+                    expires_at: 9,
+                }),
+                now: 0,
+                by_key: false,
+            },
+        );
+        assert!(matches!(
+            r,
+            CommandResult::Rejected(Rejection::NodeIdTaken { .. })
+        ));
+        let r = apply(
+            &mut s,
+            3,
+            Command::Join {
+                member: member(2, "p2"),
+                token: None,
+                now: 0,
+                by_key: false,
+            },
+        );
+        assert_eq!(r, CommandResult::Rejected(Rejection::TokenRequired));
+        // A member that left comes back as itself without a token.
+        apply(&mut s, 4, Command::Leave { node_id: 1 });
+        assert_eq!(s.active_members().count(), 0);
+        let r = apply(
+            &mut s,
+            5,
+            Command::Join {
+                member: member(1, "p1"),
+                token: None,
+                now: 0,
+                by_key: false,
+            },
+        );
+        assert_eq!(r, CommandResult::Done);
+        assert_eq!(s.active_members().count(), 1);
+    }
+
+    #[test]
+    fn key_joins_need_a_cluster_founded_with_a_key() {
+        let by_key = |id, peer: &str| Command::Join {
+            member: member(id, peer),
+            token: None,
+            now: 0,
+            by_key: true,
+        };
+        let mut plain = ClusterState::default();
+        apply(
+            &mut plain,
+            1,
+            Command::Found {
+                cluster_id: "c".into(),
+                members: vec![member(1, "p1")],
+                cluster_key: None,
+            },
+        );
+        assert_eq!(
+            apply(&mut plain, 2, by_key(2, "p2")),
+            CommandResult::Rejected(Rejection::NoClusterKey)
+        );
+        let mut keyed = ClusterState::default();
+        apply(
+            &mut keyed,
+            1,
+            Command::Found {
+                cluster_id: "c".into(),
+                members: vec![member(1, "p1"), member(2, "p2"), member(3, "p3")],
+                cluster_key: Some(vec![9; 32]),
+            },
+        );
+        assert_eq!(keyed.active_members().count(), 3);
+        assert_eq!(apply(&mut keyed, 2, by_key(4, "p4")), CommandResult::Done);
+        assert_eq!(keyed.active_members().count(), 4);
+        // A second Found changes nothing.
+        apply(
+            &mut keyed,
+            3,
+            Command::Found {
+                cluster_id: "other".into(),
+                members: vec![member(9, "p9")],
+                cluster_key: None,
+            },
+        );
+        assert_eq!(keyed.cluster_id.as_deref(), Some("c"));
+        assert!(keyed.cluster_key.is_some());
+    }
+
+    #[test]
+    fn the_quota_bounds_the_store() {
+        let mut s = ClusterState::default();
+        let big = "x".repeat(MAX_VALUE_LEN);
+        let mut i = 0;
+        loop {
+            i += 1;
+            let r = apply(
+                &mut s,
+                i,
+                Command::KvPut {
+                    key: format!("k{i}"),
+                    value: big.clone(),
+                    if_version: None,
+                },
+            );
+            if let CommandResult::Rejected(Rejection::QuotaExceeded { .. }) = r {
+                break;
+            }
+            assert!(i < 10_000, "quota never hit");
+        }
+        assert!(s.kv_bytes <= MAX_KV_BYTES);
+    }
+}

@@ -1,0 +1,636 @@
+//! Raft storage on sled: the log and vote in one pair of trees, the state machine and its
+//! snapshot in others, all in one sled database under the node's data dir.
+//!
+//! Durability rules (what openraft relies on):
+//! - `append` writes the entries as one batch and reports them flushed only after a flush
+//!   that started after the write has completed. Flushes are group commits: one background
+//!   task flushes for every append that arrived while the previous flush ran, so concurrent
+//!   writers share an fsync instead of queueing for one each;
+//! - `save_vote` flushes before returning;
+//! - the state machine writes its data and `last_applied` in one atomic batch, so they never
+//!   disagree; it does not flush on its own: the log is the source of truth and entries lost from
+//!   the state machine are re-applied from it. A snapshot is flushed before the log is purged.
+//!
+//! sled stays behind this module: nothing outside it sees a sled type.
+
+// openraft's trait methods return its (large) `StorageError`; our helpers return the same
+// type so `?` flows through without conversions.
+#![allow(clippy::result_large_err)]
+
+use std::fmt::Debug;
+use std::io::Cursor;
+use std::ops::{Bound, RangeBounds};
+use std::path::Path;
+use std::sync::{Arc, RwLock};
+
+use openraft::storage::{LogFlushed, LogState, RaftLogStorage, RaftStateMachine, Snapshot};
+use openraft::{
+    Entry, EntryPayload, LogId, OptionalSend, RaftLogReader, RaftSnapshotBuilder, SnapshotMeta,
+    StorageError, StorageIOError, StoredMembership, Vote,
+};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::bootstrap::BootstrapState;
+use crate::state::{ClusterState, KvEntry, Touched, UsedToken};
+use crate::types::{CommandResult, MemberRecord, NodeId, RaftNode, TypeConfig};
+
+/// Largest snapshot we accept from a leader (the state is bounded by the kv quota).
+pub const MAX_SNAPSHOT_SIZE: usize = 128 * 1024 * 1024;
+
+const VOTE: &[u8] = b"vote";
+const COMMITTED: &[u8] = b"committed";
+const LAST_PURGED: &[u8] = b"last_purged";
+const APPLIED: &[u8] = b"_applied";
+const MEMBERSHIP: &[u8] = b"_membership";
+const CLUSTER_ID: &[u8] = b"c";
+const CLUSTER_KEY: &[u8] = b"ck";
+const REVISION: &[u8] = b"r";
+const SNAPSHOT_META: &[u8] = b"meta";
+const BOOTSTRAP_TREE: &str = "bootstrap";
+const BOOTSTRAP_STATE: &[u8] = b"state";
+const SNAPSHOT_DATA: &[u8] = b"data";
+
+type StorageResult<T> = Result<T, StorageError<NodeId>>;
+
+fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    let mut out = Vec::new();
+    // Writing to a Vec cannot fail, and our types always serialize.
+    if let Err(e) = ciborium::into_writer(value, &mut out) {
+        tracing::error!(error = %e, "CBOR encoding failed");
+    }
+    out
+}
+
+fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ciborium::de::Error<std::io::Error>> {
+    ciborium::from_reader(bytes)
+}
+
+fn read_err(e: impl std::error::Error + 'static) -> StorageError<NodeId> {
+    StorageIOError::read(&e).into()
+}
+
+fn write_err(e: impl std::error::Error + 'static) -> StorageError<NodeId> {
+    StorageIOError::write(&e).into()
+}
+
+/// The persistent half of a Raft node: open it once per data dir.
+pub struct Storage {
+    db: sled::Db,
+}
+
+impl Storage {
+    /// Opens (or creates) the Raft database in `dir`.
+    pub fn open(dir: &Path) -> Result<Self, sled::Error> {
+        let db = sled::Config::new()
+            .path(dir)
+            .mode(sled::Mode::HighThroughput)
+            .open()?;
+        Ok(Self { db })
+    }
+
+    /// The log store and the state machine, for `openraft::Raft::new`. Must be called
+    /// within a tokio runtime (it starts the log's flusher task).
+    pub fn split(&self) -> Result<(LogStore, StateMachineStore), StorageError<NodeId>> {
+        let (flusher, queue) = tokio::sync::mpsc::channel(FLUSH_QUEUE);
+        tokio::spawn(group_commit(self.db.clone(), queue));
+        let log = LogStore {
+            db: self.db.clone(),
+            log: self.db.open_tree("raft_log").map_err(read_err)?,
+            meta: self.db.open_tree("raft_meta").map_err(read_err)?,
+            flusher,
+        };
+        let sm = StateMachineStore::open(&self.db)?;
+        Ok((log, sm))
+    }
+
+    /// Whether this data dir holds any Raft state (a vote or log entries): a node that has
+    /// ever been part of a cluster must never found a new one.
+    pub fn has_state(&self) -> bool {
+        let has = |tree: &str, key: Option<&[u8]>| {
+            self.db.open_tree(tree).is_ok_and(|t| match key {
+                Some(k) => t.contains_key(k).unwrap_or(false),
+                None => !t.is_empty(),
+            })
+        };
+        has("raft_meta", Some(VOTE)) || has("raft_log", None)
+    }
+
+    /// Flushes everything to disk.
+    pub fn flush(&self) -> Result<(), sled::Error> {
+        self.db.flush().map(|_| ())
+    }
+
+    /// What this node promised while waiting to found (see `bootstrap.rs`).
+    pub(crate) fn load_bootstrap(&self) -> BootstrapState {
+        let tree = self.db.open_tree(BOOTSTRAP_TREE);
+        match tree.and_then(|t| t.get(BOOTSTRAP_STATE)) {
+            Ok(Some(bytes)) => decode(&bytes).unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "unreadable bootstrap state; starting afresh");
+                BootstrapState::default()
+            }),
+            _ => BootstrapState::default(),
+        }
+    }
+
+    /// Saves the bootstrap state and returns once it is on disk: a promise must survive a
+    /// crash before it is given.
+    pub(crate) async fn save_bootstrap(&self, state: &BootstrapState) -> Result<(), sled::Error> {
+        self.db
+            .open_tree(BOOTSTRAP_TREE)?
+            .insert(BOOTSTRAP_STATE, encode(state))?;
+        self.db.flush_async().await.map(|_| ())
+    }
+}
+
+/// Appends waiting for the group-commit flusher; bounds how far the log runs ahead of disk.
+const FLUSH_QUEUE: usize = 4096;
+
+/// The Raft log and vote.
+#[derive(Clone)]
+pub struct LogStore {
+    db: sled::Db,
+    log: sled::Tree,
+    meta: sled::Tree,
+    flusher: tokio::sync::mpsc::Sender<LogFlushed<TypeConfig>>,
+}
+
+/// Flushes the database for every batch of appends queued while the previous flush ran, then
+/// tells openraft, in order, that those entries are on disk.
+async fn group_commit(
+    db: sled::Db,
+    mut queue: tokio::sync::mpsc::Receiver<LogFlushed<TypeConfig>>,
+) {
+    let mut waiting = Vec::new();
+    while let Some(first) = queue.recv().await {
+        waiting.push(first);
+        while let Ok(more) = queue.try_recv() {
+            waiting.push(more);
+        }
+        let result = db
+            .flush_async()
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string());
+        for callback in waiting.drain(..) {
+            callback.log_io_completed(result.clone().map_err(std::io::Error::other));
+        }
+    }
+}
+
+impl LogStore {
+    fn meta_get<T: DeserializeOwned>(&self, key: &[u8]) -> StorageResult<Option<T>> {
+        match self.meta.get(key).map_err(read_err)? {
+            Some(bytes) => Ok(Some(decode(&bytes).map_err(read_err)?)),
+            None => Ok(None),
+        }
+    }
+
+    async fn flush(&self) -> Result<(), sled::Error> {
+        self.db.flush_async().await.map(|_| ())
+    }
+}
+
+fn index_key(index: u64) -> [u8; 8] {
+    index.to_be_bytes()
+}
+
+impl RaftLogReader<TypeConfig> for LogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> StorageResult<Vec<Entry<TypeConfig>>> {
+        let start = match range.start_bound() {
+            Bound::Included(i) => Bound::Included(index_key(*i)),
+            Bound::Excluded(i) => Bound::Excluded(index_key(*i)),
+            Bound::Unbounded => Bound::Unbounded,
+        };
+        let end = match range.end_bound() {
+            Bound::Included(i) => Bound::Included(index_key(*i)),
+            Bound::Excluded(i) => Bound::Excluded(index_key(*i)),
+            Bound::Unbounded => Bound::Unbounded,
+        };
+        let mut out = Vec::new();
+        for item in self.log.range::<[u8; 8], _>((start, end)) {
+            let (_, bytes) = item.map_err(read_err)?;
+            out.push(decode(&bytes).map_err(read_err)?);
+        }
+        Ok(out)
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for LogStore {
+    type LogReader = Self;
+
+    async fn get_log_state(&mut self) -> StorageResult<LogState<TypeConfig>> {
+        let last_purged_log_id: Option<LogId<NodeId>> = self.meta_get(LAST_PURGED)?;
+        let last = match self.log.last().map_err(read_err)? {
+            Some((_, bytes)) => {
+                let entry: Entry<TypeConfig> = decode(&bytes).map_err(read_err)?;
+                Some(entry.log_id)
+            }
+            None => last_purged_log_id,
+        };
+        Ok(LogState {
+            last_purged_log_id,
+            last_log_id: last,
+        })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote<NodeId>) -> StorageResult<()> {
+        self.meta.insert(VOTE, encode(vote)).map_err(write_err)?;
+        self.flush()
+            .await
+            .map_err(|e| StorageIOError::write_vote(&e))?;
+        Ok(())
+    }
+
+    async fn read_vote(&mut self) -> StorageResult<Option<Vote<NodeId>>> {
+        self.meta_get(VOTE)
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogId<NodeId>>) -> StorageResult<()> {
+        // Not flushed: a lost committed index only means re-reading it from the leader.
+        self.meta
+            .insert(COMMITTED, encode(&committed))
+            .map_err(write_err)?;
+        Ok(())
+    }
+
+    async fn read_committed(&mut self) -> StorageResult<Option<LogId<NodeId>>> {
+        Ok(self.meta_get::<Option<LogId<NodeId>>>(COMMITTED)?.flatten())
+    }
+
+    async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> StorageResult<()>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let mut batch = sled::Batch::default();
+        for entry in entries {
+            batch.insert(&index_key(entry.log_id.index), encode(&entry));
+        }
+        self.log
+            .apply_batch(batch)
+            .map_err(|e| StorageIOError::write_logs(&e))?;
+        // The entries are in sled's buffers; the flusher makes them durable and only then
+        // acknowledges them.
+        if let Err(e) = self.flusher.send(callback).await {
+            e.0.log_io_completed(Err(std::io::Error::other("the log flusher has stopped")));
+        }
+        Ok(())
+    }
+
+    async fn truncate(&mut self, log_id: LogId<NodeId>) -> StorageResult<()> {
+        let mut batch = sled::Batch::default();
+        for item in self.log.range(index_key(log_id.index)..) {
+            let (key, _) = item.map_err(read_err)?;
+            batch.remove(key);
+        }
+        self.log
+            .apply_batch(batch)
+            .map_err(|e| StorageIOError::write_logs(&e))?;
+        self.flush()
+            .await
+            .map_err(|e| StorageIOError::write_logs(&e))?;
+        Ok(())
+    }
+
+    async fn purge(&mut self, log_id: LogId<NodeId>) -> StorageResult<()> {
+        // Record the purge point first: a crash half-way leaves extra entries, never a gap.
+        self.meta
+            .insert(LAST_PURGED, encode(&log_id))
+            .map_err(write_err)?;
+        self.flush()
+            .await
+            .map_err(|e| StorageIOError::write_logs(&e))?;
+        let mut batch = sled::Batch::default();
+        for item in self.log.range(..=index_key(log_id.index)) {
+            let (key, _) = item.map_err(read_err)?;
+            batch.remove(key);
+        }
+        self.log
+            .apply_batch(batch)
+            .map_err(|e| StorageIOError::write_logs(&e))?;
+        Ok(())
+    }
+}
+
+/// What the state machine holds in memory (and mirrors in sled).
+#[derive(Debug, Default)]
+pub(crate) struct Applied {
+    /// The replicated state.
+    pub(crate) state: ClusterState,
+    /// Last applied log id.
+    pub(crate) last_applied: Option<LogId<NodeId>>,
+    /// Last applied membership.
+    pub(crate) membership: StoredMembership<NodeId, RaftNode>,
+}
+
+/// Shared read access to the applied state.
+pub(crate) type SharedState = Arc<RwLock<Applied>>;
+
+/// The state machine: applies committed commands, builds and installs snapshots.
+#[derive(Clone)]
+pub struct StateMachineStore {
+    db: sled::Db,
+    sm: sled::Tree,
+    snapshot: sled::Tree,
+    applied: SharedState,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct StoredSnapshot {
+    meta: SnapshotMeta<NodeId, RaftNode>,
+    #[serde(with = "serde_bytes")]
+    data: Vec<u8>,
+}
+
+fn member_key(id: NodeId) -> Vec<u8> {
+    let mut k = b"m".to_vec();
+    k.extend_from_slice(&id.to_be_bytes());
+    k
+}
+
+fn kv_key(key: &str) -> Vec<u8> {
+    let mut k = b"k".to_vec();
+    k.extend_from_slice(key.as_bytes());
+    k
+}
+
+fn token_key(nonce: &[u8]) -> Vec<u8> {
+    let mut k = b"t".to_vec();
+    k.extend_from_slice(nonce);
+    k
+}
+
+impl StateMachineStore {
+    fn open(db: &sled::Db) -> StorageResult<Self> {
+        let sm = db.open_tree("raft_sm").map_err(read_err)?;
+        let snapshot = db.open_tree("raft_snapshot").map_err(read_err)?;
+        let mut applied = Applied::default();
+        for item in sm.iter() {
+            let (key, value) = item.map_err(read_err)?;
+            match key.as_ref() {
+                APPLIED => applied.last_applied = decode(&value).map_err(read_err)?,
+                MEMBERSHIP => applied.membership = decode(&value).map_err(read_err)?,
+                CLUSTER_ID => applied.state.cluster_id = Some(decode(&value).map_err(read_err)?),
+                CLUSTER_KEY => applied.state.cluster_key = Some(value.to_vec()),
+                REVISION => applied.state.revision = decode(&value).map_err(read_err)?,
+                [b'm', ..] => {
+                    let m: MemberRecord = decode(&value).map_err(read_err)?;
+                    applied.state.members.insert(m.node_id, m);
+                }
+                [b'k', rest @ ..] => {
+                    let k = String::from_utf8(rest.to_vec()).map_err(read_err)?;
+                    let e: KvEntry = decode(&value).map_err(read_err)?;
+                    applied.state.kv.insert(k, e);
+                }
+                [b't', rest @ ..] => {
+                    let u: UsedToken = decode(&value).map_err(read_err)?;
+                    applied.state.used_tokens.insert(rest.to_vec(), u);
+                }
+                _ => {}
+            }
+        }
+        applied.state.rebuild();
+        Ok(Self {
+            db: db.clone(),
+            sm,
+            snapshot,
+            applied: Arc::new(RwLock::new(applied)),
+        })
+    }
+
+    /// Shared read access to the applied state.
+    pub(crate) fn shared(&self) -> SharedState {
+        self.applied.clone()
+    }
+
+    fn persist(&self, applied: &Applied, touched: &mut Vec<Touched>) -> StorageResult<()> {
+        touched.sort();
+        touched.dedup();
+        let mut batch = sled::Batch::default();
+        for t in touched.drain(..) {
+            match t {
+                Touched::ClusterId => {
+                    if let Some(id) = &applied.state.cluster_id {
+                        batch.insert(CLUSTER_ID, encode(id));
+                    }
+                    match &applied.state.cluster_key {
+                        Some(key) => batch.insert(CLUSTER_KEY, key.as_slice()),
+                        None => batch.remove(CLUSTER_KEY),
+                    }
+                }
+                Touched::Revision => batch.insert(REVISION, encode(&applied.state.revision)),
+                Touched::Member(id) => match applied.state.members.get(&id) {
+                    Some(m) => batch.insert(member_key(id), encode(m)),
+                    None => batch.remove(member_key(id)),
+                },
+                Touched::Kv(key) => match applied.state.kv.get(&key) {
+                    Some(e) => batch.insert(kv_key(&key), encode(e)),
+                    None => batch.remove(kv_key(&key)),
+                },
+                Touched::Token(nonce) => match applied.state.used_tokens.get(&nonce) {
+                    Some(u) => batch.insert(token_key(&nonce), encode(u)),
+                    None => batch.remove(token_key(&nonce)),
+                },
+            }
+        }
+        batch.insert(APPLIED, encode(&applied.last_applied));
+        batch.insert(MEMBERSHIP, encode(&applied.membership));
+        self.sm
+            .apply_batch(batch)
+            .map_err(|e| StorageIOError::write_state_machine(&e))?;
+        Ok(())
+    }
+
+    fn read_snapshot(&self) -> StorageResult<Option<StoredSnapshot>> {
+        let meta = self.snapshot.get(SNAPSHOT_META).map_err(read_err)?;
+        let data = self.snapshot.get(SNAPSHOT_DATA).map_err(read_err)?;
+        match (meta, data) {
+            (Some(meta), Some(data)) => Ok(Some(StoredSnapshot {
+                meta: decode(&meta).map_err(read_err)?,
+                data: data.to_vec(),
+            })),
+            _ => Ok(None),
+        }
+    }
+
+    async fn write_snapshot(&self, snap: &StoredSnapshot) -> StorageResult<()> {
+        let signature = Some(snap.meta.signature());
+        let mut batch = sled::Batch::default();
+        batch.insert(SNAPSHOT_META, encode(&snap.meta));
+        batch.insert(SNAPSHOT_DATA, snap.data.as_slice());
+        self.snapshot
+            .apply_batch(batch)
+            .map_err(|e| StorageIOError::write_snapshot(signature.clone(), &e))?;
+        self.db
+            .flush_async()
+            .await
+            .map_err(|e| StorageIOError::write_snapshot(signature, &e))?;
+        Ok(())
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachineStore {
+    type SnapshotBuilder = Self;
+
+    async fn applied_state(
+        &mut self,
+    ) -> StorageResult<(Option<LogId<NodeId>>, StoredMembership<NodeId, RaftNode>)> {
+        let applied = self.applied.read().map_err(|_| poisoned())?;
+        Ok((applied.last_applied, applied.membership.clone()))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> StorageResult<Vec<CommandResult>>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let mut applied = self.applied.write().map_err(|_| poisoned())?;
+        let mut touched = Vec::new();
+        let mut results = Vec::new();
+        for entry in entries {
+            applied.last_applied = Some(entry.log_id);
+            let result = match entry.payload {
+                EntryPayload::Blank => CommandResult::Done,
+                EntryPayload::Normal(cmd) => applied.state.apply(&cmd, &mut touched),
+                EntryPayload::Membership(m) => {
+                    applied.membership = StoredMembership::new(Some(entry.log_id), m);
+                    CommandResult::Done
+                }
+            };
+            results.push(result);
+        }
+        self.persist(&applied, &mut touched)?;
+        Ok(results)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.clone()
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> StorageResult<Box<Cursor<Vec<u8>>>> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta<NodeId, RaftNode>,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> StorageResult<()> {
+        let data = snapshot.into_inner();
+        let signature = Some(meta.signature());
+        if data.len() > MAX_SNAPSHOT_SIZE {
+            let e = std::io::Error::other(format!("snapshot of {} bytes", data.len()));
+            return Err(StorageIOError::read_snapshot(signature, &e).into());
+        }
+        let mut state: ClusterState =
+            decode(&data).map_err(|e| StorageIOError::read_snapshot(signature.clone(), &e))?;
+        state.rebuild();
+        let snap = StoredSnapshot {
+            meta: meta.clone(),
+            data,
+        };
+        // Persist the snapshot first: if we crash while replacing the state machine, the
+        // snapshot is there to install again on restart.
+        self.write_snapshot(&snap).await?;
+
+        let mut applied = self.applied.write().map_err(|_| poisoned())?;
+        let mut batch = sled::Batch::default();
+        for item in self.sm.iter() {
+            let (key, _) = item.map_err(read_err)?;
+            batch.remove(key);
+        }
+        let new = Applied {
+            state,
+            last_applied: meta.last_log_id,
+            membership: meta.last_membership.clone(),
+        };
+        let mut touched: Vec<Touched> = Vec::new();
+        touched.push(Touched::ClusterId);
+        touched.push(Touched::Revision);
+        touched.extend(new.state.members.keys().map(|id| Touched::Member(*id)));
+        touched.extend(new.state.kv.keys().map(|k| Touched::Kv(k.clone())));
+        touched.extend(
+            new.state
+                .used_tokens
+                .keys()
+                .map(|n| Touched::Token(n.clone())),
+        );
+        // Removes first, then the new contents, all in one atomic batch.
+        self.sm
+            .apply_batch(batch)
+            .map_err(|e| StorageIOError::write_state_machine(&e))?;
+        self.persist(&new, &mut touched)?;
+        *applied = new;
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> StorageResult<Option<Snapshot<TypeConfig>>> {
+        Ok(self.read_snapshot()?.map(|s| Snapshot {
+            meta: s.meta,
+            snapshot: Box::new(Cursor::new(s.data)),
+        }))
+    }
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
+    async fn build_snapshot(&mut self) -> StorageResult<Snapshot<TypeConfig>> {
+        let (data, meta) = {
+            let applied = self.applied.read().map_err(|_| poisoned())?;
+            let data = encode(&applied.state);
+            let snapshot_id = match applied.last_applied {
+                Some(id) => format!("{}-{}-{}", id.leader_id, id.index, data.len()),
+                None => format!("empty-{}", data.len()),
+            };
+            let meta = SnapshotMeta {
+                last_log_id: applied.last_applied,
+                last_membership: applied.membership.clone(),
+                snapshot_id,
+            };
+            (data, meta)
+        };
+        let snap = StoredSnapshot {
+            meta: meta.clone(),
+            data,
+        };
+        self.write_snapshot(&snap).await?;
+        Ok(Snapshot {
+            meta,
+            snapshot: Box::new(Cursor::new(snap.data)),
+        })
+    }
+}
+
+fn poisoned() -> StorageError<NodeId> {
+    StorageIOError::read_state_machine(&std::io::Error::other("state lock poisoned")).into()
+}
+
+#[cfg(test)]
+mod tests {
+    use openraft::testing::{StoreBuilder, Suite};
+
+    use super::*;
+
+    struct Builder;
+
+    impl StoreBuilder<TypeConfig, LogStore, StateMachineStore, tempfile::TempDir> for Builder {
+        async fn build(&self) -> StorageResult<(tempfile::TempDir, LogStore, StateMachineStore)> {
+            let dir = tempfile::tempdir().map_err(write_err)?;
+            let storage = Storage::open(dir.path()).map_err(write_err)?;
+            let (log, sm) = storage.split()?;
+            Ok((dir, log, sm))
+        }
+    }
+
+    #[test]
+    fn openraft_storage_suite() -> Result<(), StorageError<NodeId>> {
+        Suite::test_all(Builder)
+    }
+}

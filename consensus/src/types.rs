@@ -1,0 +1,241 @@
+//! The Raft type configuration and the commands the replicated state machine applies.
+
+use std::io::Cursor;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// A Raft node id. Derived from the node's peer id by [`node_id_for`]; the registry refuses a
+/// second peer whose id collides with a member's.
+pub type NodeId = u64;
+
+openraft::declare_raft_types!(
+    /// The openraft type configuration of the agentmesh cluster.
+    pub TypeConfig:
+        D = Command,
+        R = CommandResult,
+        NodeId = NodeId,
+        Node = RaftNode,
+        Entry = openraft::Entry<TypeConfig>,
+        SnapshotData = Cursor<Vec<u8>>,
+        AsyncRuntime = openraft::TokioRuntime,
+);
+
+/// The openraft handle for our type configuration.
+pub(crate) type Raft = openraft::Raft<TypeConfig>;
+
+/// How Raft reaches a node: its peer id and the addresses it listens on.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RaftNode {
+    /// The libp2p peer id, in its usual base58 form.
+    pub peer_id: String,
+    /// Multiaddresses the node listens on.
+    pub addrs: Vec<String>,
+}
+
+impl std::fmt::Display for RaftNode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.peer_id)
+    }
+}
+
+/// The Raft node id of a peer: the first 8 bytes of SHA-256 over a domain tag and the peer id.
+pub fn node_id_for(peer_id: &str) -> NodeId {
+    let digest = Sha256::new()
+        .chain_update(b"agentmesh/raft-node-id/v1\0")
+        .chain_update(peer_id.as_bytes())
+        .finalize();
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&digest[..8]);
+    u64::from_be_bytes(first)
+}
+
+/// Whether a member takes part in the cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MemberState {
+    /// A member; the leader keeps it in the Raft membership.
+    Active,
+    /// Left gracefully; the leader removes it from the Raft membership. It may come back as
+    /// itself (same identity) without a token.
+    Left,
+}
+
+/// One member of the registry: who it is and how to reach it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberRecord {
+    /// Raft node id, derived from the peer id.
+    pub node_id: NodeId,
+    /// libp2p peer id.
+    pub peer_id: String,
+    /// Ed25519 public key of the node's identity (verifies the join tokens it issues).
+    #[serde(with = "serde_bytes")]
+    pub public_key: Vec<u8>,
+    /// Human-readable name.
+    pub name: String,
+    /// Listen addresses.
+    pub addrs: Vec<String>,
+    /// Unix seconds when it (last) joined.
+    pub joined_at: u64,
+    /// Active or left.
+    pub state: MemberState,
+}
+
+impl MemberRecord {
+    /// How Raft reaches this member.
+    pub fn raft_node(&self) -> RaftNode {
+        RaftNode {
+            peer_id: self.peer_id.clone(),
+            addrs: self.addrs.clone(),
+        }
+    }
+}
+
+/// The single-use part of a join token, checked and consumed in the state machine.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenUse {
+    /// The token's random nonce.
+    #[serde(with = "serde_bytes")]
+    pub nonce: Vec<u8>,
+    /// Unix seconds after which the token is refused.
+    pub expires_at: u64,
+}
+
+/// A command replicated through Raft and applied, in log order, on every member.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Command {
+    /// Names the cluster; the first command of a new cluster. Ignored once a cluster id is set.
+    Found {
+        /// Random cluster id.
+        cluster_id: String,
+        /// The founding members: one for a cluster founded alone, the `--bootstrap-expect`
+        /// set for one founded by key holders.
+        members: Vec<MemberRecord>,
+        /// Public half of the cluster key, when founded with one: nodes proving they hold the
+        /// key may then join without a token.
+        #[serde(default, with = "serde_bytes")]
+        cluster_key: Option<Vec<u8>>,
+    },
+    /// Admits a member, consuming a join token unless it is a former member coming back.
+    Join {
+        /// The new member.
+        member: MemberRecord,
+        /// The token it presented; `None` for a member that left and returns as itself.
+        token: Option<TokenUse>,
+        /// The leader's clock when it proposed the join (unix seconds), so that every member
+        /// judges expiry the same way.
+        now: u64,
+        /// Admitted on a cluster-key proof (checked by the leader) instead of a token.
+        #[serde(default)]
+        by_key: bool,
+    },
+    /// Marks a member as left; the leader then takes it out of the Raft membership.
+    Leave {
+        /// The member leaving.
+        node_id: NodeId,
+    },
+    /// Renames a member.
+    Rename {
+        /// The member.
+        node_id: NodeId,
+        /// Its new name.
+        name: String,
+    },
+    /// Records a member's current listen addresses.
+    SetAddrs {
+        /// The member.
+        node_id: NodeId,
+        /// Its listen addresses.
+        addrs: Vec<String>,
+    },
+    /// Writes a key.
+    KvPut {
+        /// Key.
+        key: String,
+        /// JSON text of the value.
+        value: String,
+        /// Compare-and-set: apply only if the key's version is this (0 = must not exist).
+        if_version: Option<u64>,
+    },
+    /// Several commands proposed together, applied in order as if one by one: the leader
+    /// groups concurrent writes so they share one log entry and one flush.
+    Batch(Vec<Command>),
+    /// Deletes a key.
+    KvDelete {
+        /// Key.
+        key: String,
+        /// Compare-and-set: apply only if the key's version is this.
+        if_version: Option<u64>,
+    },
+}
+
+/// The result of applying a [`Command`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CommandResult {
+    /// Applied; nothing to report.
+    Done,
+    /// A key was written; its new version.
+    Written {
+        /// The key's version: the log index of the write.
+        version: u64,
+    },
+    /// A delete was applied.
+    Deleted {
+        /// Whether the key existed.
+        existed: bool,
+    },
+    /// Not applied, and why.
+    Rejected(Rejection),
+    /// One result per command of a [`Command::Batch`], in order.
+    Batch(Vec<CommandResult>),
+}
+
+/// Why the state machine refused a command. Deterministic: every member reaches the same verdict.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[serde(rename_all = "snake_case")]
+pub enum Rejection {
+    /// Compare-and-set failed.
+    #[error("version mismatch on {key:?}: expected {expected}, found {}", .actual.map_or("none".to_string(), |v| v.to_string()))]
+    VersionMismatch {
+        /// Key.
+        key: String,
+        /// The version the writer expected.
+        expected: u64,
+        /// The key's version, if it exists.
+        actual: Option<u64>,
+    },
+    /// The join token has been used already.
+    #[error("join token already used")]
+    TokenUsed,
+    /// The join token expired.
+    #[error("join token expired")]
+    TokenExpired,
+    /// Another member's id collides with the joining node's.
+    #[error("node id {node_id} is taken by peer {peer_id}")]
+    NodeIdTaken {
+        /// The colliding id.
+        node_id: NodeId,
+        /// The member holding it.
+        peer_id: String,
+    },
+    /// The node is not a member.
+    #[error("node {0} is not a member")]
+    NotMember(NodeId),
+    /// A former member tried to come back without a token, but it was not a member that left.
+    #[error("not a former member; a join token is needed")]
+    TokenRequired,
+    /// A node joined by cluster key, but the cluster was founded without one.
+    #[error("this cluster has no cluster key; join with a token")]
+    NoClusterKey,
+    /// A batch inside a batch.
+    #[error("nested batches are not allowed")]
+    NestedBatch,
+    /// The store is full.
+    #[error("kv store full: {what}")]
+    QuotaExceeded {
+        /// Which limit.
+        what: String,
+    },
+}
