@@ -1105,7 +1105,18 @@ impl Inner {
         loop {
             let leader = metrics.borrow_and_update().current_leader;
             let attempt = match leader {
-                Some(l) if l == self.id => self.execute_local(op.clone()).await,
+                Some(l) if l == self.id => {
+                    // A leader cut off from its quorum never commits: answer within the
+                    // deadline, like any unreachable leader, rather than hang the client.
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    tokio::time::timeout(left, self.execute_local(op.clone()))
+                        .await
+                        .unwrap_or_else(|_| {
+                            Err(ClusterError::Unavailable(
+                                "no quorum answered in time (is this node partitioned?)".into(),
+                            ))
+                        })
+                }
                 Some(l) => self.forward(l, &op).await,
                 None => Err(ClusterError::NoLeader("no leader elected".into())),
             };

@@ -10,6 +10,7 @@
 //! (`target/<profile>/agentmesh`); build it first (`cargo build -p agentmesh`).
 
 pub mod linearizability;
+pub mod netns;
 
 use anyhow::{anyhow, bail, Context, Result};
 use nix::{sys::signal::Signal, unistd::Pid};
@@ -74,6 +75,30 @@ pub struct Node {
     pub info: RuntimeInfo,
     child: Option<Child>,
     http: reqwest::Client,
+    api_key: Option<String>,
+}
+
+/// How to launch a node process beyond its arguments.
+#[derive(Debug, Clone, Default)]
+pub struct Launch {
+    /// Command the binary runs under, e.g. `ip netns exec NS`.
+    pub prefix: Vec<String>,
+    /// API key the harness presents (for a node whose API is not on loopback).
+    pub api_key: Option<String>,
+}
+
+/// An HTTP client that presents `api_key`, if any, on every request.
+fn http_client(api_key: Option<&str>) -> Result<reqwest::Client> {
+    let mut headers = reqwest::header::HeaderMap::new();
+    if let Some(key) = api_key {
+        headers.insert(
+            reqwest::header::AUTHORIZATION,
+            format!("Bearer {key}").parse()?,
+        );
+    }
+    Ok(reqwest::Client::builder()
+        .default_headers(headers)
+        .build()?)
 }
 
 /// Polls `check` until it returns true or `timeout` passes.
@@ -132,6 +157,16 @@ impl Node {
 
     /// Starts the binary with exactly `args` (plus `--data-dir`), waits for `node.json`.
     pub async fn spawn(root: &Path, name: &str, args: &[String]) -> Result<Self> {
+        Self::spawn_with(root, name, args, &Launch::default()).await
+    }
+
+    /// [`Node::spawn`], launched as `launch` says.
+    pub async fn spawn_with(
+        root: &Path,
+        name: &str,
+        args: &[String],
+        launch: &Launch,
+    ) -> Result<Self> {
         let data_dir = root.join(name);
         std::fs::create_dir_all(&data_dir)?;
         let runtime = data_dir.join("node.json");
@@ -141,7 +176,15 @@ impl Node {
             .create(true)
             .append(true)
             .open(&log)?;
-        let child = Command::new(binary()?)
+        let mut command = match launch.prefix.split_first() {
+            Some((program, rest)) => {
+                let mut c = Command::new(program);
+                c.args(rest).arg(binary()?);
+                c
+            }
+            None => Command::new(binary()?),
+        };
+        let child = command
             .args(args)
             .arg("--data-dir")
             .arg(&data_dir)
@@ -166,7 +209,8 @@ impl Node {
                 listen_addrs: vec![],
             },
             child: Some(child),
-            http: reqwest::Client::new(),
+            http: http_client(launch.api_key.as_deref())?,
+            api_key: launch.api_key.clone(),
         };
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
@@ -265,12 +309,12 @@ impl Node {
 
     /// Runs a client command against this node (`--api` appended).
     pub fn cli(&self, args: &[&str]) -> Result<Output> {
-        Ok(Command::new(binary()?)
-            .args(args)
-            .arg("--api")
-            .arg(&self.info.api)
-            .stdin(Stdio::null())
-            .output()?)
+        let mut command = Command::new(binary()?);
+        command.args(args).arg("--api").arg(&self.info.api);
+        if let Some(key) = &self.api_key {
+            command.env("AGENTMESH_API_KEY", key);
+        }
+        Ok(command.stdin(Stdio::null()).output()?)
     }
 
     /// Process id.
@@ -558,25 +602,30 @@ pub async fn start_cluster(
         3 | 4 => 3,
         _ => 5,
     };
+    wait_settled(&nodes, voters).await?;
+    Ok(nodes)
+}
+
+/// Waits until every node is ready and sees every node as an active member, `voters` voters,
+/// and a settled membership. Every node, not just one, must have applied the final
+/// (non-joint) configuration: until then an election may still need the old voters.
+pub async fn wait_settled(nodes: &[Node], voters: usize) -> Result<()> {
     wait_until(
         "every node to be a member",
         Duration::from_secs(30),
         || async {
-            // Every node, not just one, must have applied the final (non-joint)
-            // configuration: until then an election may still need the old voters.
-            for node in &nodes {
+            for node in nodes {
                 if !node.is_ready().await {
                     return Ok(false);
                 }
                 let (v, _, active) = shape(node).await?;
                 let settled = node.cluster().await?["membership_changing"] == false;
-                if v != voters || active != n || !settled {
+                if v != voters || active != nodes.len() || !settled {
                     return Ok(false);
                 }
             }
             Ok(true)
         },
     )
-    .await?;
-    Ok(nodes)
+    .await
 }
