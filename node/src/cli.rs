@@ -33,6 +33,15 @@ pub enum Command {
     Start(Box<StartArgs>),
     /// Show this node's identity, addresses and connections.
     Status(ClientArgs),
+    /// Exit 0 if the node is alive (with --ready: in a cluster with a known leader), else 1.
+    /// For container health checks.
+    Health {
+        /// Check readiness (`/readyz`) instead of liveness (`/healthz`).
+        #[arg(long)]
+        ready: bool,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
     /// List every known peer, connected or not.
     Peers(ClientArgs),
     /// Publish a message on a gossip topic.
@@ -174,6 +183,10 @@ pub struct ClientArgs {
     /// API key, sent as a bearer token.
     #[arg(long, env = "AGENTMESH_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
+    /// File holding the API key, used when --api-key is not given (the same variable a
+    /// node reads its admin key from, so commands run beside a node just work).
+    #[arg(long, env = "AGENTMESH_API_KEY_FILE")]
+    pub api_key_file: Option<PathBuf>,
     /// Machine-readable output: one JSON document (or one object per line for streams).
     #[arg(long)]
     pub json: bool,

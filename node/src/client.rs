@@ -30,10 +30,20 @@ impl Api {
             .connect_timeout(Duration::from_secs(5))
             .build()
             .context("building the HTTP client")?;
+        let key = match (&args.api_key, &args.api_key_file) {
+            (Some(key), _) => Some(key.clone()),
+            (None, Some(path)) => Some(
+                std::fs::read_to_string(path)
+                    .with_context(|| format!("reading the API key file {}", path.display()))?
+                    .trim()
+                    .to_string(),
+            ),
+            (None, None) => None,
+        };
         Ok(Self {
             http,
             base,
-            key: args.api_key.clone(),
+            key,
             json: args.json,
         })
     }
@@ -88,6 +98,7 @@ pub async fn run(cmd: Command) -> Result<()> {
     match cmd {
         Command::Start(_) => unreachable_start(),
         Command::Status(args) => status(&Api::new(&args)?).await,
+        Command::Health { ready, client } => health(&Api::new(&client)?, ready).await,
         Command::Peers(args) => peers(&Api::new(&args)?).await,
         Command::Publish {
             topic,
@@ -120,6 +131,29 @@ pub async fn run(cmd: Command) -> Result<()> {
                 client,
             } => kv_delete(&Api::new(&client)?, &key, if_version).await,
         },
+    }
+}
+
+async fn health(api: &Api, ready: bool) -> Result<()> {
+    let path = if ready { "/readyz" } else { "/healthz" };
+    let res = api
+        .request(reqwest::Method::GET, path)
+        .timeout(Duration::from_secs(5))
+        .send()
+        .await
+        .with_context(|| format!("cannot reach the agentmesh API at {}", api.base))?;
+    let status = res.status();
+    let body = res.text().await.unwrap_or_default();
+    if api.json {
+        let v: Value = serde_json::from_str(&body).unwrap_or(Value::String(body.clone()));
+        api.print_json(&serde_json::json!({ "ok": status.is_success(), "body": v }));
+    } else {
+        println!("{}", body.trim());
+    }
+    if status.is_success() {
+        Ok(())
+    } else {
+        bail!("{path}: HTTP {}", status.as_u16())
     }
 }
 

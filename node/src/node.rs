@@ -263,10 +263,10 @@ fn load_cluster_key(path: &std::path::Path) -> Result<agentmesh_consensus::Clust
     use std::os::unix::fs::PermissionsExt;
     let key = agentmesh_consensus::ClusterKey::from_file(path)?;
     if let Ok(meta) = std::fs::metadata(path) {
-        if meta.permissions().mode() & 0o077 != 0 {
+        if meta.permissions().mode() & 0o004 != 0 {
             tracing::warn!(
                 path = %path.display(),
-                "the cluster key file is readable by group or others; chmod 600 it"
+                "the cluster key file is readable by every user; chmod 600 (or 640) it"
             );
         }
     }
