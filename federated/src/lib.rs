@@ -1,0 +1,20 @@
+//! Federated learning for agentmesh: models, local training, robust aggregation
+//! and differential privacy. Pure computation: no networking, no async.
+//!
+//! placeholder
+#![deny(missing_docs)]
+
+mod checkpoint;
+mod data;
+mod model;
+mod partition;
+
+pub use checkpoint::{
+    decode as decode_params, encode as encode_params, load_update, save_update, CheckpointError,
+    Content, MAX_MODEL_FILE_SIZE,
+};
+pub use data::{DataError, Dataset, Standardizer, MAX_CLASSES, MAX_FEATURES};
+pub use model::{
+    Architecture, Evaluation, Model, ModelError, Sgd, TensorSpec, MAX_HIDDEN_LAYERS, MAX_PARAMS,
+};
+pub use partition::{partition, write_shards, Partition};
