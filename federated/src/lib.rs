@@ -4,11 +4,16 @@
 //! placeholder
 #![deny(missing_docs)]
 
+mod aggregate;
 mod checkpoint;
 mod data;
 mod model;
 mod partition;
 
+pub use aggregate::{
+    validate, Aggregate, AggregateError, Aggregator, RejectReason, Rejection, Update, ValidUpdates,
+    Validated,
+};
 pub use checkpoint::{
     decode as decode_params, encode as encode_params, load_update, save_update, CheckpointError,
     Content, MAX_MODEL_FILE_SIZE,
