@@ -8,6 +8,7 @@ mod aggregate;
 mod checkpoint;
 mod data;
 mod model;
+mod npy;
 mod partition;
 
 pub use aggregate::{
@@ -22,4 +23,5 @@ pub use data::{DataError, Dataset, Standardizer, MAX_CLASSES, MAX_FEATURES};
 pub use model::{
     Architecture, Evaluation, Model, ModelError, Sgd, TensorSpec, MAX_HIDDEN_LAYERS, MAX_PARAMS,
 };
+pub use npy::{read_npy, write_npy, NpyError, MAX_NPY_ELEMENTS};
 pub use partition::{partition, write_shards, Partition};

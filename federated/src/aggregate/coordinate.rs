@@ -121,20 +121,48 @@ pub(crate) fn coordinate_wise(rows: &[&[f32]], stat: Statistic) -> Vec<f32> {
     let lanes = (BLOCK_FLOATS / n.max(1)).clamp(16, 1024) / 16 * 16;
     let mut out = vec![0.0f32; dim];
     parallel::fill_chunks(&mut out, lanes, |start, chunk| {
-        let mut buf = vec![0.0f32; n * lanes];
-        pulp::Arch::new().dispatch(|| {
-            for (b, out_block) in chunk.chunks_mut(lanes).enumerate() {
-                let from = start + b * lanes;
-                let len = out_block.len();
-                for (row, dst) in rows.iter().zip(buf.chunks_exact_mut(lanes)) {
-                    dst[..len].copy_from_slice(&row[from..from + len]);
-                }
-                network.sort_columns(&mut buf, lanes);
-                finish(&buf, lanes, n, stat, out_block);
-            }
+        pulp::Arch::new().dispatch(Blocks {
+            rows,
+            network: &network,
+            stat,
+            lanes,
+            start,
+            chunk,
         });
     });
     out
+}
+
+/// One thread's share of the coordinates, block by block. A `WithSimd`
+/// struct so the network's min/max loops are compiled with the CPU's vector
+/// extensions (see `distance::Accumulate`).
+struct Blocks<'a> {
+    rows: &'a [&'a [f32]],
+    network: &'a Network,
+    stat: Statistic,
+    lanes: usize,
+    start: usize,
+    chunk: &'a mut [f32],
+}
+
+impl pulp::WithSimd for Blocks<'_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn with_simd<S: pulp::Simd>(self, _simd: S) {
+        let n = self.rows.len();
+        let lanes = self.lanes;
+        let mut buf = vec![0.0f32; n * lanes];
+        for (b, out_block) in self.chunk.chunks_mut(lanes).enumerate() {
+            let from = self.start + b * lanes;
+            let len = out_block.len();
+            for (row, dst) in self.rows.iter().zip(buf.chunks_exact_mut(lanes)) {
+                dst[..len].copy_from_slice(&row[from..from + len]);
+            }
+            self.network.sort_columns(&mut buf, lanes);
+            finish(&buf, lanes, n, self.stat, out_block);
+        }
+    }
 }
 
 /// Reads the statistic out of the sorted buffer for the first `out.len()` lanes.
