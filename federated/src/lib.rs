@@ -10,6 +10,7 @@ mod data;
 mod model;
 mod npy;
 mod partition;
+mod privacy;
 
 pub use aggregate::{
     validate, Aggregate, AggregateError, Aggregator, RejectReason, Rejection, Update, ValidUpdates,
@@ -25,3 +26,8 @@ pub use model::{
 };
 pub use npy::{read_npy, write_npy, NpyError, MAX_NPY_ELEMENTS};
 pub use partition::{partition, write_shards, Partition};
+pub use privacy::{
+    add_gaussian_noise, clip_l2, default_orders, epsilon_from_rdp, l2_norm, poisson_gaussian_rdp,
+    AccountantError, AdaptiveClipping, DpConfig, NoiseMode, PrivacyBudget, PrivacyError,
+    RdpAccountant,
+};
