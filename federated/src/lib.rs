@@ -5,17 +5,20 @@
 #![deny(missing_docs)]
 
 mod aggregate;
+mod attack;
 mod checkpoint;
 mod data;
 mod model;
 mod npy;
 mod partition;
 mod privacy;
+mod trainer;
 
 pub use aggregate::{
     validate, Aggregate, AggregateError, Aggregator, RejectReason, Rejection, Update, ValidUpdates,
     Validated,
 };
+pub use attack::{alie_z_max, Attack};
 pub use checkpoint::{
     decode as decode_params, encode as encode_params, load_update, save_update, CheckpointError,
     Content, MAX_MODEL_FILE_SIZE,
@@ -30,4 +33,8 @@ pub use privacy::{
     add_gaussian_noise, clip_l2, default_orders, epsilon_from_rdp, l2_norm, poisson_gaussian_rdp,
     AccountantError, AdaptiveClipping, DpConfig, NoiseMode, PrivacyBudget, PrivacyError,
     RdpAccountant,
+};
+pub use trainer::{
+    DpSgd, ExternalTrainer, LocalTrainer, TrainConfig, TrainError, TrainOutput, Trainer,
+    EXTERNAL_PROTOCOL_VERSION, MAX_RESULT_SIZE,
 };
