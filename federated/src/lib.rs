@@ -12,6 +12,7 @@ mod model;
 mod npy;
 mod partition;
 mod privacy;
+mod simulate;
 mod trainer;
 
 pub use aggregate::{
@@ -34,6 +35,7 @@ pub use privacy::{
     AccountantError, AdaptiveClipping, DpConfig, NoiseMode, PrivacyBudget, PrivacyError,
     RdpAccountant,
 };
+pub use simulate::{simulate, Attackers, RoundMetrics, SimulationConfig, SimulationError};
 pub use trainer::{
     DpSgd, ExternalTrainer, LocalTrainer, TrainConfig, TrainError, TrainOutput, Trainer,
     EXTERNAL_PROTOCOL_VERSION, MAX_RESULT_SIZE,
