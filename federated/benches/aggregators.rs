@@ -75,14 +75,16 @@ fn main() -> anyhow::Result<()> {
         .and_then(|i| args.get(i + 1))
         .cloned();
     let ns: &[usize] = if quick { &[30] } else { &[10, 30, 100] };
-    let ds: &[usize] = if quick { &[1_000_000] } else { &[100_000, 1_000_000] };
+    let ds: &[usize] = if quick {
+        &[1_000_000]
+    } else {
+        &[100_000, 1_000_000]
+    };
     println!(
         "threads: {}",
         std::thread::available_parallelism().map_or(1, |n| n.get())
     );
-    println!(
-        "| n | d | memcpy n·d·4 B (ms) | aggregator | ms (median) | × memcpy | selected |"
-    );
+    println!("| n | d | memcpy n·d·4 B (ms) | aggregator | ms (median) | × memcpy | selected |");
     println!("|---|---|---|---|---|---|---|");
     for &n in ns {
         for &d in ds {

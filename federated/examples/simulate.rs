@@ -103,10 +103,7 @@ fn main() -> anyhow::Result<()> {
         ("mlp", mlp()),
     ] {
         let epochs = 40;
-        let cfg = TrainConfig {
-            epochs,
-            ..local()
-        };
+        let cfg = TrainConfig { epochs, ..local() };
         let model = Model::new(arch, SEED)?;
         let out = LocalTrainer.train(&model, &train, &cfg)?;
         let mut trained = model.clone();
@@ -122,7 +119,9 @@ fn main() -> anyhow::Result<()> {
         ..SimulationConfig::new(mlp(), ROUNDS, local())
     };
 
-    println!("\n## Federated, clean and under attack ({ATTACKERS} of {CLIENTS} clients Byzantine)\n");
+    println!(
+        "\n## Federated, clean and under attack ({ATTACKERS} of {CLIENTS} clients Byzantine)\n"
+    );
     let mut header = String::from("| aggregator | clean |");
     let mut rule = String::from("|---|---|");
     for a in attacks() {
@@ -172,7 +171,9 @@ fn main() -> anyhow::Result<()> {
          \"bad picks\": Byzantine updates the Krum family selected over the 30 rounds."
     );
 
-    println!("\n## Client-level DP (central: clip each update to C, noise z·C/n on the mean; FedAvg)\n");
+    println!(
+        "\n## Client-level DP (central: clip each update to C, noise z·C/n on the mean; FedAvg)\n"
+    );
     println!("| z | C | test accuracy % | ε at δ = 1e-5 |\n|---|---|---|---|");
     for z in [0.0, 0.1, 0.3, 1.0, 4.0] {
         let clip = 1.0;

@@ -360,7 +360,10 @@ mod tests {
         bad[3] = f32::NAN;
         let bytes = encode(m.architecture(), &bad, Content::Model)?;
         let err = Model::from_safetensors(&bytes).unwrap_err();
-        assert!(matches!(err, CheckpointError::NotFinite { index: 3, .. }), "{err}");
+        assert!(
+            matches!(err, CheckpointError::NotFinite { index: 3, .. }),
+            "{err}"
+        );
         // The metadata claims a different architecture than the tensors hold.
         let other = Architecture::Mlp {
             inputs: 6,

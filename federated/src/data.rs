@@ -409,11 +409,13 @@ impl Dataset {
             }
         }
         let views: Vec<ArrayView2<'_, f32>> = parts.iter().map(|p| p.features.view()).collect();
-        let features =
-            ndarray::concatenate(Axis(0), &views).map_err(|e| DataError::Mismatch {
-                reason: e.to_string(),
-            })?;
-        let labels = parts.iter().flat_map(|p| p.labels.iter().copied()).collect();
+        let features = ndarray::concatenate(Axis(0), &views).map_err(|e| DataError::Mismatch {
+            reason: e.to_string(),
+        })?;
+        let labels = parts
+            .iter()
+            .flat_map(|p| p.labels.iter().copied())
+            .collect();
         Ok(Self {
             features,
             labels,
@@ -521,26 +523,65 @@ mod tests {
     fn errors_name_line_and_column() {
         let ragged = load("1,2,0\n1,2,3,0\n", None).unwrap_err();
         assert!(
-            matches!(ragged, DataError::RaggedRow { line: 2, expected: 3, found: 4 }),
+            matches!(
+                ragged,
+                DataError::RaggedRow {
+                    line: 2,
+                    expected: 3,
+                    found: 4
+                }
+            ),
             "{ragged}"
         );
         let nan = load("1,2,0\n1,x,1\n", None).unwrap_err();
         assert!(
-            matches!(nan, DataError::NotANumber { line: 2, column: 2, .. }),
+            matches!(
+                nan,
+                DataError::NotANumber {
+                    line: 2,
+                    column: 2,
+                    ..
+                }
+            ),
             "{nan}"
         );
-        assert_eq!(nan.to_string(), "line 2, column 2: \"x\" is not a finite number");
+        assert_eq!(
+            nan.to_string(),
+            "line 2, column 2: \"x\" is not a finite number"
+        );
         let inf = load("1,inf,0\n", None).unwrap_err();
-        assert!(matches!(inf, DataError::NotANumber { line: 1, column: 2, .. }));
+        assert!(matches!(
+            inf,
+            DataError::NotANumber {
+                line: 1,
+                column: 2,
+                ..
+            }
+        ));
         let label = load("1,2,0\n1,2,1.5\n", None).unwrap_err();
-        assert!(matches!(label, DataError::BadLabel { line: 2, column: 3, .. }));
+        assert!(matches!(
+            label,
+            DataError::BadLabel {
+                line: 2,
+                column: 3,
+                ..
+            }
+        ));
         let range = load("1,2,0\n1,2,10\n", Some(10)).unwrap_err();
         assert!(matches!(
             range,
-            DataError::LabelOutOfRange { line: 2, column: 3, label: 10, classes: 10 }
+            DataError::LabelOutOfRange {
+                line: 2,
+                column: 3,
+                label: 10,
+                classes: 10
+            }
         ));
         assert!(matches!(load("", None), Err(DataError::Empty)));
-        assert!(matches!(load("5\n", None), Err(DataError::TooFewColumns { .. })));
+        assert!(matches!(
+            load("5\n", None),
+            Err(DataError::TooFewColumns { .. })
+        ));
     }
 
     #[test]

@@ -514,7 +514,10 @@ mod tests {
         assert_eq!(t[2].name, "layers.1.weight");
         assert_eq!(t[2].offset, 24);
         assert_eq!(t.last().map(|s| s.offset + s.len()), Some(a.num_params()));
-        assert!(matches!(mlp(vec![0]).validate(), Err(ModelError::ZeroWidth { .. })));
+        assert!(matches!(
+            mlp(vec![0]).validate(),
+            Err(ModelError::ZeroWidth { .. })
+        ));
         let huge = Architecture::Softmax {
             inputs: usize::MAX / 2,
             classes: 4,
@@ -552,7 +555,7 @@ mod tests {
             let mut grad = vec![0.0; model.params().len()];
             model.loss_and_gradient(x.view(), &labels, &mut grad)?;
             let mut scratch = vec![0.0; grad.len()];
-            for k in 0..grad.len() {
+            for (k, &backprop) in grad.iter().enumerate() {
                 let h = 1e-2f32;
                 let mut plus = model.clone();
                 plus.params_mut()[k] += h;
@@ -562,9 +565,8 @@ mod tests {
                 let lm = minus.loss_and_gradient(x.view(), &labels, &mut scratch)?;
                 let numeric = (lp - lm) / (2.0 * h);
                 assert!(
-                    (numeric - grad[k]).abs() < 2e-3,
-                    "param {k}: numeric {numeric} vs backprop {}",
-                    grad[k]
+                    (numeric - backprop).abs() < 2e-3,
+                    "param {k}: numeric {numeric} vs backprop {backprop}"
                 );
             }
         }

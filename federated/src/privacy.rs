@@ -46,7 +46,7 @@ pub fn l2_norm(v: &[f32]) -> f64 {
 
 /// Adds independent N(0, std²) to every element.
 pub fn add_gaussian_noise<R: Rng + ?Sized>(v: &mut [f32], std: f64, rng: &mut R) {
-    if !(std > 0.0) {
+    if std.is_nan() || std <= 0.0 {
         return;
     }
     if let Ok(normal) = Normal::new(0.0, std) {
@@ -111,7 +111,12 @@ impl Default for AdaptiveClipping {
 
 impl AdaptiveClipping {
     /// The next clip norm given the pre-clipping norms of this round's updates.
-    pub fn next_clip_norm<R: Rng + ?Sized>(&self, clip_norm: f64, norms: &[f64], rng: &mut R) -> f64 {
+    pub fn next_clip_norm<R: Rng + ?Sized>(
+        &self,
+        clip_norm: f64,
+        norms: &[f64],
+        rng: &mut R,
+    ) -> f64 {
         if norms.is_empty() {
             return clip_norm;
         }
@@ -162,11 +167,13 @@ impl DpConfig {
 
     /// Checks the parameters.
     pub fn validate(&self) -> Result<(), PrivacyError> {
-        let invalid = |field, value, reason| Err(PrivacyError::Invalid {
-            field,
-            value,
-            reason,
-        });
+        let invalid = |field, value, reason| {
+            Err(PrivacyError::Invalid {
+                field,
+                value,
+                reason,
+            })
+        };
         if !(self.clip_norm > 0.0 && self.clip_norm.is_finite()) {
             return invalid("clip_norm", self.clip_norm, "must be positive");
         }
@@ -236,7 +243,9 @@ impl PrivacyBudget {
 
     /// ε spent so far.
     pub fn epsilon(&self) -> f64 {
-        self.accountant.epsilon(self.delta).map_or(f64::INFINITY, |e| e.0)
+        self.accountant
+            .epsilon(self.delta)
+            .map_or(f64::INFINITY, |e| e.0)
     }
 
     /// ε after `more` further rounds.
@@ -256,9 +265,9 @@ impl PrivacyBudget {
     /// Records a round as spent.
     pub fn spend_round(&mut self) {
         // Parameters were checked in `new`, so this cannot fail.
-        let _ = self
-            .accountant
-            .compose_poisson_gaussian(self.sampling_rate, self.noise_multiplier, 1);
+        let _ =
+            self.accountant
+                .compose_poisson_gaussian(self.sampling_rate, self.noise_multiplier, 1);
         self.rounds += 1;
     }
 

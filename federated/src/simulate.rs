@@ -349,7 +349,10 @@ mod tests {
         let s = Standardizer::fit(&train);
         s.apply(&mut train).unwrap();
         s.apply(&mut test).unwrap();
-        (partition(&train, 10, Partition::dirichlet(0.5), 0).unwrap(), test)
+        (
+            partition(&train, 10, Partition::dirichlet(0.5), 0).unwrap(),
+            test,
+        )
     }
 
     fn config(aggregator: Aggregator) -> SimulationConfig {
@@ -494,7 +497,11 @@ mod tests {
         };
         let h = simulate(&dp, &shards, &test)?;
         let eps = h.last().and_then(|m| m.epsilon).unwrap_or(f64::INFINITY);
-        assert!(eps <= 8.0 && last(&h) >= 0.9, "DP-SGD {} at ε {eps}", last(&h));
+        assert!(
+            eps <= 8.0 && last(&h) >= 0.9,
+            "DP-SGD {} at ε {eps}",
+            last(&h)
+        );
         Ok(())
     }
 

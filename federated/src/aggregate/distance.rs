@@ -13,7 +13,6 @@ use super::parallel;
 /// every pair in the block is visited.
 const BLOCK: usize = 512;
 
-
 /// A symmetric `n × n` matrix of squared distances with a zero diagonal.
 #[derive(Clone, Debug, PartialEq)]
 pub(crate) struct Distances {

@@ -12,7 +12,11 @@ pub(crate) fn scores(distances: &Distances, set: &[usize], f: usize) -> Vec<f64>
     set.iter()
         .map(|&i| {
             row.clear();
-            row.extend(set.iter().filter(|&&j| j != i).map(|&j| distances.get(i, j)));
+            row.extend(
+                set.iter()
+                    .filter(|&&j| j != i)
+                    .map(|&j| distances.get(i, j)),
+            );
             if neighbours == 0 {
                 return 0.0;
             }

@@ -119,7 +119,13 @@ fn close(got: &[f32], want: &[f64], tol: f64) -> Result<(), TestCaseError> {
     prop_assert_eq!(got.len(), want.len());
     for (k, (&g, &w)) in got.iter().zip(want).enumerate() {
         let err = (f64::from(g) - w).abs();
-        prop_assert!(err <= tol * (1.0 + w.abs()), "coordinate {}: {} vs {}", k, g, w);
+        prop_assert!(
+            err <= tol * (1.0 + w.abs()),
+            "coordinate {}: {} vs {}",
+            k,
+            g,
+            w
+        );
     }
     Ok(())
 }

@@ -60,7 +60,7 @@ impl RdpAccountant {
 
     /// An accountant at the given orders (each ≥ 1).
     pub fn with_orders(orders: Vec<f64>) -> Result<Self, AccountantError> {
-        if let Some(&bad) = orders.iter().find(|&&a| !(a >= 1.0)) {
+        if let Some(&bad) = orders.iter().find(|&&a| a.is_nan() || a < 1.0) {
             return Err(AccountantError::Order(bad));
         }
         let rdp = vec![0.0; orders.len()];

@@ -261,7 +261,9 @@ mod tests {
             hidden: vec![16],
             classes: 10,
         };
-        let mut data = Dataset::digits().unwrap().subset(&(0..300).collect::<Vec<_>>());
+        let mut data = Dataset::digits()
+            .unwrap()
+            .subset(&(0..300).collect::<Vec<_>>());
         Standardizer::fit(&data).apply(&mut data).unwrap();
         (Model::new(arch, 3).unwrap(), data)
     }
@@ -273,7 +275,10 @@ mod tests {
     #[test]
     fn crash_reports_exit_code_and_stderr() {
         let (model, data) = setup();
-        let t = sh("echo first >&2; echo 'out of memory' >&2; exit 3", Duration::from_secs(10));
+        let t = sh(
+            "echo first >&2; echo 'out of memory' >&2; exit 3",
+            Duration::from_secs(10),
+        );
         let err = t.train(&model, &data, &TrainConfig::default()).unwrap_err();
         match &err {
             TrainError::Crashed {
@@ -356,7 +361,8 @@ mod tests {
             "/../examples/python-trainer/train.py"
         );
         let (model, data) = setup();
-        let trainer = ExternalTrainer::new("python3", vec![script.to_string()], Duration::from_secs(60));
+        let trainer =
+            ExternalTrainer::new("python3", vec![script.to_string()], Duration::from_secs(60));
         let config = TrainConfig {
             epochs: 5,
             learning_rate: 0.1,
@@ -371,7 +377,11 @@ mod tests {
         let after = trained.evaluate(&data)?.accuracy;
         assert!(after > 0.9 && after > before, "{before} -> {after}");
         // Its own report agrees with ours on the same data.
-        assert!((out.metrics.accuracy - after).abs() < 0.02, "{:?}", out.metrics);
+        assert!(
+            (out.metrics.accuracy - after).abs() < 0.02,
+            "{:?}",
+            out.metrics
+        );
         Ok(())
     }
 }
