@@ -204,7 +204,9 @@ pub fn decode(bytes: &[u8]) -> Result<(Architecture, Vec<f32>, Content), Checkpo
             ),
         });
     }
-    let mut params = Vec::with_capacity(architecture.num_params());
+    // Every tensor is checked against the architecture before anything is
+    // allocated, so a small file claiming a huge architecture costs nothing.
+    let mut views = Vec::with_capacity(specs.len());
     for spec in &specs {
         let view = tensors
             .tensor(&spec.name)
@@ -224,6 +226,10 @@ pub fn decode(bytes: &[u8]) -> Result<(Architecture, Vec<f32>, Content), Checkpo
                 problem: format!("shape {:?}, expected {:?}", view.shape(), spec.shape),
             });
         }
+        views.push((spec, view));
+    }
+    let mut params = Vec::with_capacity(architecture.num_params());
+    for (spec, view) in views {
         for (index, chunk) in view.data().chunks_exact(4).enumerate() {
             let v = f32::from_le_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]);
             if !v.is_finite() {
