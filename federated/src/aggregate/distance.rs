@@ -27,7 +27,7 @@ impl Distances {
         let dim = rows.first().map_or(0, |r| r.len());
         let partials = parallel::map_ranges(dim, BLOCK, |range| {
             let mut acc = vec![0.0f64; n * n];
-            let mut block = vec![0.0f64; n * BLOCK];
+            let mut block = vec![0.0f64; 2 * n * BLOCK];
             pulp::Arch::new().dispatch(Accumulate {
                 rows,
                 range,
@@ -90,52 +90,117 @@ fn accumulate<S: pulp::Simd>(
     rows: &[&[f32]],
     range: std::ops::Range<usize>,
     acc: &mut [f64],
-    block: &mut [f64],
+    buffers: &mut [f64],
 ) {
     let n = rows.len();
+    if range.is_empty() || n == 0 {
+        return;
+    }
+    // Two blocks: the one being compared and the next, which is filled
+    // (widened from the input) a row at a time between tiles, so its reads
+    // from memory overlap with arithmetic instead of stalling in one burst.
+    let (mut current, mut next) = buffers.split_at_mut(n * BLOCK);
+    let widen = |dst: &mut [f64], r: usize, from: usize, to: usize| {
+        for (d, &s) in dst[r * BLOCK..r * BLOCK + (to - from)]
+            .iter_mut()
+            .zip(&rows[r][from..to])
+        {
+            *d = f64::from(s);
+        }
+    };
     let mut start = range.start;
+    let first_end = (start + BLOCK).min(range.end);
+    for r in 0..n {
+        widen(current, r, start, first_end);
+    }
     while start < range.end {
         let end = (start + BLOCK).min(range.end);
         let len = end - start;
-        for (row, dst) in rows.iter().zip(block.chunks_exact_mut(BLOCK)) {
-            for (d, &s) in dst[..len].iter_mut().zip(&row[start..end]) {
-                *d = f64::from(s);
-            }
-        }
-        let row = |i: usize| &block[i * BLOCK..i * BLOCK + len];
-        // Pairs are visited in tiles of 2 rows × 4 rows: each loaded vector of
-        // a row feeds several pairs, which halves the traffic from L2.
-        let mut i = 0;
-        while i < n {
-            let i_tile = (n - i).min(I_TILE);
-            if i_tile == I_TILE {
-                acc[i * n + i + 1] += tile::<S, 1, 1>(simd, [row(i)], [row(i + 1)])[0][0];
-            }
-            let mut j = i + i_tile;
-            while j < n {
-                if i_tile == I_TILE && n - j >= J_TILE {
-                    let t = tile::<S, I_TILE, J_TILE>(
-                        simd,
-                        [row(i), row(i + 1)],
-                        [row(j), row(j + 1), row(j + 2), row(j + 3)],
-                    );
-                    for (a, sums) in t.iter().enumerate() {
-                        for (b, s) in sums.iter().enumerate() {
-                            acc[(i + a) * n + j + b] += s;
-                        }
-                    }
-                    j += J_TILE;
-                } else {
-                    for a in i..i + i_tile {
-                        acc[a * n + j] += tile::<S, 1, 1>(simd, [row(a)], [row(j)])[0][0];
-                    }
-                    j += 1;
+        let next_end = (end + BLOCK).min(range.end);
+        let mut pending = if end < next_end { 0 } else { n };
+        {
+            let block: &[f64] = current;
+            let row = |i: usize| &block[i * BLOCK..i * BLOCK + len];
+            // Pairs are visited in tiles of up to 2 rows × 4 rows: each loaded
+            // vector of a row feeds several pairs (less traffic from L2), and
+            // the pairs give independent accumulator chains.
+            let mut i = 0;
+            while i < n {
+                let rows_i = (n - i).min(I_TILE);
+                if rows_i == 2 {
+                    acc[i * n + i + 1] += pair(simd, row(i), row(i + 1));
                 }
+                let mut j = i + rows_i;
+                while j < n {
+                    let rows_j = (n - j).min(J_TILE);
+                    macro_rules! run {
+                        ($I:literal, $J:literal) => {{
+                            let t = tile::<S, $I, $J>(
+                                simd,
+                                std::array::from_fn(|a| row(i + a)),
+                                std::array::from_fn(|b| row(j + b)),
+                            );
+                            for (a, sums) in t.iter().enumerate() {
+                                for (b, s) in sums.iter().enumerate() {
+                                    acc[(i + a) * n + j + b] += s;
+                                }
+                            }
+                        }};
+                    }
+                    match (rows_i, rows_j) {
+                        (2, 4) => run!(2, 4),
+                        (2, 3) => run!(2, 3),
+                        (2, 2) => run!(2, 2),
+                        (2, _) => run!(2, 1),
+                        (_, 4) => run!(1, 4),
+                        (_, 3) => run!(1, 3),
+                        (_, 2) => run!(1, 2),
+                        (_, _) => run!(1, 1),
+                    }
+                    j += rows_j;
+                    if pending < n {
+                        widen(next, pending, end, next_end);
+                        pending += 1;
+                    }
+                }
+                i += rows_i;
             }
-            i += i_tile;
         }
+        while pending < n {
+            widen(next, pending, end, next_end);
+            pending += 1;
+        }
+        std::mem::swap(&mut current, &mut next);
         start = end;
     }
+}
+
+/// Squared distance of one pair, with four accumulator chains so the loop is
+/// not bound by FMA latency.
+#[inline(always)]
+fn pair<S: pulp::Simd>(simd: S, a: &[f64], b: &[f64]) -> f64 {
+    let zero = simd.splat_f64s(0.0);
+    let mut sums = [zero; 4];
+    let (av, a_tail) = S::as_simd_f64s(a);
+    let (bv, b_tail) = S::as_simd_f64s(b);
+    let (a4, a_rest) = av.as_chunks::<4>();
+    let (b4, b_rest) = bv.as_chunks::<4>();
+    for (x, y) in a4.iter().zip(b4) {
+        for u in 0..4 {
+            let d = simd.sub_f64s(x[u], y[u]);
+            sums[u] = simd.mul_add_e_f64s(d, d, sums[u]);
+        }
+    }
+    for (&x, &y) in a_rest.iter().zip(b_rest) {
+        let d = simd.sub_f64s(x, y);
+        sums[0] = simd.mul_add_e_f64s(d, d, sums[0]);
+    }
+    let rest: f64 = a_tail
+        .iter()
+        .zip(b_tail)
+        .map(|(x, y)| (x - y) * (x - y))
+        .sum();
+    sums.iter().map(|&s| simd.reduce_sum_f64s(s)).sum::<f64>() + rest
 }
 
 /// Rows per tile on each side (2 × 4 pairs × 8 lanes = 8 vector accumulators).
