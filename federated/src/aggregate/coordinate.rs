@@ -193,29 +193,54 @@ fn finish(buf: &[f32], lanes: usize, n: usize, stat: Statistic, out: &mut [f32])
             }
         }
         Statistic::NearestMedian { beta } => {
-            for (l, o) in out.iter_mut().enumerate() {
-                let at = |r: usize| f64::from(buf[r * lanes + l]);
-                let median = if n % 2 == 1 {
-                    at(n / 2)
-                } else {
-                    (at(n / 2 - 1) + at(n / 2)) * 0.5
-                };
-                // Grow a window outwards from the middle, taking whichever
-                // neighbour is nearer the median: the β nearest values of a
-                // sorted column are contiguous.
-                let (mut lo, mut hi) = (n / 2, n / 2);
-                let mut sum = 0.0;
-                for _ in 0..beta {
-                    let take_high = lo == 0 || (hi < n && at(hi) - median <= median - at(lo - 1));
-                    if take_high {
-                        sum += at(hi);
-                        hi += 1;
+            // The β values nearest the median of a sorted column are a
+            // contiguous window, and among all windows of β it is the one
+            // whose farthest member is nearest the median. So every candidate
+            // start w is scored lane-wise (radius = max(m − s[w],
+            // s[w+β−1] − m)) with a sliding window sum: no per-coordinate
+            // branches, all vector selects. Ties go to the lower window.
+            let at = |r: usize, l: usize| f64::from(buf[r * lanes + l]);
+            let median: Vec<f64> = (0..len)
+                .map(|l| {
+                    if n % 2 == 1 {
+                        at(n / 2, l)
                     } else {
-                        lo -= 1;
-                        sum += at(lo);
+                        (at(n / 2 - 1, l) + at(n / 2, l)) * 0.5
+                    }
+                })
+                .collect();
+            let first = (n / 2).saturating_sub(beta);
+            let last = (n / 2).min(n - beta);
+            let mut sum = vec![0.0f64; len];
+            for r in first..first + beta {
+                for (s, &v) in sum.iter_mut().zip(row(r)) {
+                    *s += f64::from(v);
+                }
+            }
+            let mut best_radius = vec![f64::INFINITY; len];
+            let mut best_sum = vec![0.0f64; len];
+            for w in first..=last {
+                if w > first {
+                    let (add, drop) = (row(w + beta - 1), row(w - 1));
+                    for ((s, &a), &d) in sum.iter_mut().zip(add).zip(drop) {
+                        *s += f64::from(a) - f64::from(d);
                     }
                 }
-                *o = (sum / beta as f64) as f32;
+                let (low, high) = (row(w), row(w + beta - 1));
+                let best = best_radius.iter_mut().zip(best_sum.iter_mut());
+                let window = sum.iter().zip(&median).zip(low.iter().zip(high));
+                for ((r, b), ((&s, &m), (&lo, &hi))) in best.zip(window) {
+                    let (below, above) = (m - f64::from(lo), f64::from(hi) - m);
+                    // Plain selects, not f64::max or a branch: no NaN here, and
+                    // they vectorise to max and blend instructions.
+                    let radius = if below > above { below } else { above };
+                    let better = radius < *r;
+                    *r = if better { radius } else { *r };
+                    *b = if better { s } else { *b };
+                }
+            }
+            for (o, s) in out.iter_mut().zip(best_sum) {
+                *o = (s / beta as f64) as f32;
             }
         }
     }
