@@ -97,8 +97,7 @@ fn accumulate<S: pulp::Simd>(
         return;
     }
     // Two blocks: the one being compared and the next, which is filled
-    // (widened from the input) a row at a time between tiles, so its reads
-    // from memory overlap with arithmetic instead of stalling in one burst.
+    // (widened from the input) a row per tile, inside the tile's loop.
     let (mut current, mut next) = buffers.split_at_mut(n * BLOCK);
     let widen = |dst: &mut [f64], r: usize, from: usize, to: usize| {
         for (d, &s) in dst[r * BLOCK..r * BLOCK + (to - from)]
@@ -135,10 +134,21 @@ fn accumulate<S: pulp::Simd>(
                     let rows_j = (n - j).min(J_TILE);
                     macro_rules! run {
                         ($I:literal, $J:literal) => {{
+                            let widen_row: (&[f32], &mut [f64]) = if pending < n {
+                                let r = pending;
+                                pending += 1;
+                                (
+                                    &rows[r][end..next_end],
+                                    &mut next[r * BLOCK..r * BLOCK + (next_end - end)],
+                                )
+                            } else {
+                                (&[], &mut [])
+                            };
                             let t = tile::<S, $I, $J>(
                                 simd,
                                 std::array::from_fn(|a| row(i + a)),
                                 std::array::from_fn(|b| row(j + b)),
+                                widen_row,
                             );
                             for (a, sums) in t.iter().enumerate() {
                                 for (b, s) in sums.iter().enumerate() {
@@ -158,10 +168,6 @@ fn accumulate<S: pulp::Simd>(
                         (_, _) => run!(1, 1),
                     }
                     j += rows_j;
-                    if pending < n {
-                        widen(next, pending, end, next_end);
-                        pending += 1;
-                    }
                 }
                 i += rows_i;
             }
@@ -215,12 +221,20 @@ fn tile<S: pulp::Simd, const I: usize, const J: usize>(
     simd: S,
     a: [&[f64]; I],
     b: [&[f64]; J],
+    widen: (&[f32], &mut [f64]),
 ) -> [[f64; J]; I] {
     let zero = simd.splat_f64s(0.0);
     let mut sums = [[zero; J]; I];
     let av = a.map(|r| S::as_simd_f64s(r).0);
     let bv = b.map(|r| S::as_simd_f64s(r).0);
     let chunks = av.iter().chain(&bv).map(|v| v.len()).min().unwrap_or(0);
+    // Widening a row of the next block, 8 values per step of the distance
+    // loop, spreads its reads from memory thinly over the arithmetic, so the
+    // cache misses overlap with it instead of stalling in a burst.
+    let (src, dst) = widen;
+    let (src8, src_rest) = src.as_chunks::<8>();
+    let (dst8, dst_rest) = dst.as_chunks_mut::<8>();
+    let mut pending = src8.iter().zip(dst8.iter_mut());
     for k in 0..chunks {
         let x: [S::f64s; I] = std::array::from_fn(|ii| av[ii][k]);
         for (jj, bj) in bv.iter().enumerate() {
@@ -230,6 +244,15 @@ fn tile<S: pulp::Simd, const I: usize, const J: usize>(
                 sums[ii][jj] = simd.mul_add_e_f64s(d, d, sums[ii][jj]);
             }
         }
+        if let Some((from, to)) = pending.next() {
+            *to = from.map(f64::from);
+        }
+    }
+    for (from, to) in pending {
+        *to = from.map(f64::from);
+    }
+    for (t, &f) in dst_rest.iter_mut().zip(src_rest) {
+        *t = f64::from(f);
     }
     let lanes = std::mem::size_of::<S::f64s>() / std::mem::size_of::<f64>();
     let tail = chunks * lanes;
