@@ -58,6 +58,20 @@ fn time(reps: usize, mut f: impl FnMut()) -> (Duration, Duration) {
     (times[times.len() / 2], times[0])
 }
 
+/// CPU time of the whole process (all threads, live or joined) in ms, from
+/// `/proc/self/stat` (Linux; 10 ms ticks). On a shared machine, CPU time per
+/// run divided by the thread count estimates the wall time on an idle one.
+fn cpu_ms() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the parenthesised command name; utime and stime are the
+    // 14th and 15th fields of the line.
+    let rest = stat.get(stat.rfind(')')? + 2..)?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    Some((utime + stime) * 10.0)
+}
+
 fn ms(d: Duration) -> String {
     format!("{:.1}", d.as_secs_f64() * 1e3)
 }
@@ -85,8 +99,8 @@ fn main() -> anyhow::Result<()> {
         "threads: {}",
         std::thread::available_parallelism().map_or(1, |n| n.get())
     );
-    println!("| n | d | memcpy n·d·4 B, median / best (ms) | aggregator | median / best (ms) | × memcpy (best) | selected |");
-    println!("|---|---|---|---|---|---|---|");
+    println!("| n | d | memcpy n·d·4 B, median / best (ms) | aggregator | median / best (ms) | × memcpy (best) | CPU ms per run | selected |");
+    println!("|---|---|---|---|---|---|---|---|");
     for &n in ns {
         for &d in ds {
             let rows = inputs(n, d);
@@ -107,9 +121,14 @@ fn main() -> anyhow::Result<()> {
                     continue;
                 }
                 let mut out = None;
+                let cpu_before = cpu_ms();
                 let t = time(reps, || {
                     out = Some(black_box(agg.aggregate(&valid)));
                 });
+                let cpu = match (cpu_before, cpu_ms()) {
+                    (Some(a), Some(b)) => format!("{:.0}", (b - a) / (reps + 1) as f64),
+                    _ => String::from("-"),
+                };
                 let out = out.context("no run")??;
                 let selected = match agg {
                     Aggregator::Krum { .. }
@@ -118,7 +137,7 @@ fn main() -> anyhow::Result<()> {
                     _ => String::from("all"),
                 };
                 println!(
-                    "| {n} | {d} | {} / {} | {agg:?} | {} / {} | {:.1} | {selected} |",
+                    "| {n} | {d} | {} / {} | {agg:?} | {} / {} | {:.1} | {cpu} | {selected} |",
                     ms(copy.0),
                     ms(copy.1),
                     ms(t.0),
