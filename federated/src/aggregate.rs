@@ -211,6 +211,12 @@ pub enum AggregateError {
         /// The minimum n.
         needed: usize,
     },
+    /// The method name is not one of ours.
+    #[error("unknown aggregation method {name:?} (expected fedavg, krum, multikrum, trimmed_mean, median or bulyan)")]
+    UnknownMethod {
+        /// The name given.
+        name: String,
+    },
     /// A parameter is out of range.
     #[error("{method}: {reason}")]
     BadParameter {
@@ -236,6 +242,36 @@ pub struct Aggregate {
 }
 
 impl Aggregator {
+    /// Builds a rule from the names and knobs of the command line and the
+    /// training job (`fedavg`, `krum`, `multikrum`, `trimmed_mean`, `median`,
+    /// `bulyan`; f = `byzantine`, β = `trim_ratio`). Multi-Krum keeps `m`
+    /// updates, n − f when not given. Call [`Aggregator::check`] with the
+    /// round's n to validate the combination.
+    pub fn from_method(
+        name: &str,
+        f: usize,
+        m: Option<usize>,
+        beta: f64,
+        n: usize,
+    ) -> Result<Self, AggregateError> {
+        Ok(match name {
+            "fedavg" => Self::FedAvg,
+            "krum" => Self::Krum { f },
+            "multikrum" => Self::MultiKrum {
+                f,
+                m: m.unwrap_or(n.saturating_sub(f)),
+            },
+            "trimmed_mean" => Self::TrimmedMean { beta },
+            "median" => Self::Median,
+            "bulyan" => Self::Bulyan { f },
+            other => {
+                return Err(AggregateError::UnknownMethod {
+                    name: other.to_string(),
+                })
+            }
+        })
+    }
+
     /// The name used in configs and tables.
     pub fn name(&self) -> &'static str {
         match self {

@@ -57,10 +57,11 @@ pub fn add_gaussian_noise<R: Rng + ?Sized>(v: &mut [f32], std: f64, rng: &mut R)
 }
 
 /// Where the noise is added.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum NoiseMode {
     /// The server adds N(0, (zC/n)²) to the mean of the clipped updates.
+    #[default]
     Central,
     /// Each client adds N(0, (zC)²) to its clipped update.
     Local,
@@ -137,8 +138,11 @@ impl AdaptiveClipping {
     }
 }
 
-/// A DP configuration for federated rounds.
+/// A DP configuration for federated rounds. Deserializes from the training
+/// job's `privacy` object (`{clip_norm, noise_multiplier, delta}`; `mode`
+/// defaults to central, `adaptive` to off).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct DpConfig {
     /// C: the L2 bound every update is clipped to (the starting value when
     /// clipping is adaptive).
@@ -148,8 +152,10 @@ pub struct DpConfig {
     /// δ at which ε is reported.
     pub delta: f64,
     /// Central or local noise.
+    #[serde(default)]
     pub mode: NoiseMode,
     /// Adapt the clip norm to a quantile of the update norms.
+    #[serde(default)]
     pub adaptive: Option<AdaptiveClipping>,
 }
 
@@ -337,6 +343,16 @@ mod tests {
         let noisy = AdaptiveClipping::default();
         let z = noisy.update_noise_multiplier(0.5).unwrap_or(0.0);
         assert!(z > 0.5);
+    }
+
+    #[test]
+    fn config_reads_the_job_privacy_object() -> Result<(), serde_json::Error> {
+        let cfg: DpConfig = serde_json::from_str(
+            r#"{ "clip_norm": 1.0, "noise_multiplier": 1.1, "delta": 1e-5 }"#,
+        )?;
+        assert_eq!(cfg, DpConfig::central(1.0, 1.1, 1e-5));
+        assert!(serde_json::from_str::<DpConfig>(r#"{ "clip_norm": 1.0 }"#).is_err());
+        Ok(())
     }
 
     #[test]

@@ -383,3 +383,22 @@ fn distances_are_exact_for_close_updates() {
     assert_eq!(d.get(0, 1), exact);
     assert_eq!(d.get(1, 0), exact);
 }
+
+#[test]
+fn methods_by_name() {
+    for agg in [
+        Aggregator::FedAvg,
+        Aggregator::Krum { f: 2 },
+        Aggregator::MultiKrum { f: 2, m: 8 },
+        Aggregator::TrimmedMean { beta: 0.1 },
+        Aggregator::Median,
+        Aggregator::Bulyan { f: 2 },
+    ] {
+        let again = Aggregator::from_method(agg.name(), 2, None, 0.1, 10).unwrap();
+        assert_eq!(again, agg);
+    }
+    assert!(matches!(
+        Aggregator::from_method("mean", 0, None, 0.0, 3),
+        Err(AggregateError::UnknownMethod { .. })
+    ));
+}
