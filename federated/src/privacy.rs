@@ -133,6 +133,9 @@ impl AdaptiveClipping {
     /// spends privacy: z_Δ = (z⁻² − (2σ_b)⁻²)^(−½) (Andrew et al., Theorem 1).
     /// `None` if σ_b is too small for the total z.
     pub fn update_noise_multiplier(&self, z: f64) -> Option<f64> {
+        if z == 0.0 {
+            return Some(0.0);
+        }
         let rest = z.powi(-2) - (2.0 * self.count_noise).powi(-2);
         (rest > 0.0).then(|| rest.powf(-0.5))
     }

@@ -505,6 +505,33 @@ mod tests {
         Ok(())
     }
 
+    /// Adaptive clipping moves the clip norm from a far-too-small start
+    /// towards the median update norm.
+    #[test]
+    fn adaptive_clipping_raises_a_small_clip_norm() -> anyhow::Result<()> {
+        let (shards, test) = setup();
+        let privacy = DpConfig {
+            adaptive: Some(crate::privacy::AdaptiveClipping {
+                target_quantile: 0.5,
+                learning_rate: 0.5,
+                count_noise: 0.0,
+            }),
+            ..DpConfig::central(0.01, 0.0, 1e-5)
+        };
+        let h = simulate(
+            &SimulationConfig {
+                privacy: Some(privacy),
+                ..config(Aggregator::FedAvg)
+            },
+            &shards,
+            &test,
+        )?;
+        let clips: Vec<f64> = h.iter().filter_map(|m| m.clip_norm).collect();
+        assert_eq!(clips[0], 0.01);
+        assert!(clips.windows(2).all(|w| w[1] > w[0]), "{clips:?}");
+        Ok(())
+    }
+
     #[test]
     fn central_dp_reports_epsilon() -> anyhow::Result<()> {
         let (shards, test) = setup();
