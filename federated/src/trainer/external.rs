@@ -92,7 +92,12 @@ impl ExternalTrainer {
         let stdout = std::fs::File::create(dir.join("stdout.log")).map_err(io("stdout.log"))?;
         let stderr_path = dir.join("stderr.log");
         let stderr = std::fs::File::create(&stderr_path).map_err(io("stderr.log"))?;
-        let mut child = Command::new(&self.program)
+        let mut command = Command::new(&self.program);
+        // Its own process group, so a timeout kills whatever it started too
+        // (a data loader's workers, a shell's children), not just the leader.
+        #[cfg(unix)]
+        std::os::unix::process::CommandExt::process_group(&mut command, 0);
+        let mut child = command
             .args(&self.args)
             .arg(request)
             .env("AGENTMESH_TRAIN_REQUEST", request)
@@ -111,7 +116,7 @@ impl ExternalTrainer {
             }
             if started.elapsed() >= self.timeout {
                 // Already exited between the checks is fine; either way reap it.
-                let _ = child.kill();
+                kill_tree(&mut child);
                 let _ = child.wait();
                 return Err(TrainError::Timeout {
                     secs: self.timeout.as_secs_f64(),
@@ -215,6 +220,21 @@ impl Trainer for ExternalTrainer {
     }
 }
 
+/// Kills the child's whole process group (Unix), or the child alone.
+fn kill_tree(child: &mut std::process::Child) {
+    #[cfg(unix)]
+    {
+        use nix::sys::signal::{killpg, Signal};
+        use nix::unistd::Pid;
+        if let Ok(pid) = i32::try_from(child.id()) {
+            if killpg(Pid::from_raw(pid), Signal::SIGKILL).is_ok() {
+                return;
+            }
+        }
+    }
+    let _ = child.kill();
+}
+
 fn read_reply(path: &Path) -> Result<Reply, TrainError> {
     let malformed = |reason: String| TrainError::Malformed {
         file: "result.json",
@@ -296,7 +316,7 @@ mod tests {
     fn timeout_kills_the_trainer() {
         let (model, data) = setup();
         let started = Instant::now();
-        let err = sh("sleep 30", Duration::from_millis(300))
+        let err = sh("sleep 30 & sleep 30", Duration::from_millis(300))
             .train(&model, &data, &TrainConfig::default())
             .unwrap_err();
         assert!(matches!(err, TrainError::Timeout { .. }), "{err}");
