@@ -15,7 +15,7 @@
 //! `AGENTMESH_TRAIN_REQUEST`). It must write `update.safetensors` (the new
 //! parameters minus the global ones, same tensors, metadata `content` =
 //! `update`) and `result.json` (`{"examples": N, "loss": L, "accuracy": A}`),
-//! then exit 0. Past the timeout it is killed. A non-zero exit is reported with
+//! then exit 0. Past the timeout it is killed with its process group. A non-zero exit is reported with
 //! the end of its stderr; missing or malformed files name the file and problem.
 
 use std::io::{Read, Seek, SeekFrom};
