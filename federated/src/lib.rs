@@ -66,6 +66,7 @@ mod model;
 mod npy;
 mod partition;
 mod privacy;
+mod report;
 mod simulate;
 mod trainer;
 
@@ -88,6 +89,10 @@ pub use privacy::{
     add_gaussian_noise, clip_l2, default_orders, epsilon_from_rdp, l2_norm, poisson_gaussian_rdp,
     AccountantError, AdaptiveClipping, DpConfig, NoiseMode, PrivacyBudget, PrivacyError,
     RdpAccountant,
+};
+pub use report::{
+    digits_report, AttackResult, CentralRow, PrivacyRow, Report, ReportConfig, ReportError,
+    RobustRow,
 };
 pub use simulate::{simulate, Attackers, RoundMetrics, SimulationConfig, SimulationError};
 pub use trainer::{

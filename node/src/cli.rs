@@ -87,6 +87,111 @@ pub enum Command {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Data sets (offline, no node needed).
+    Dataset {
+        #[command(subcommand)]
+        command: DatasetCommand,
+    },
+    /// Aggregate update files with a (robust) rule, offline: for audits and for comparing
+    /// with other frameworks. Rejects wrong-length or non-finite updates with the reason.
+    Aggregate(AggregateArgs),
+    /// Run federated training in-process on the bundled digits set and print the results
+    /// table: centralized, per aggregator clean and under attack, and with differential privacy.
+    Simulate(SimulateArgs),
+}
+
+/// `agentmesh dataset ...`
+#[derive(Debug, Subcommand)]
+pub enum DatasetCommand {
+    /// Split a data set into per-node shards (IID, or non-IID by label with --alpha) and a
+    /// test set: OUT/shard-0.csv ... OUT/shard-{N-1}.csv and OUT/test.csv.
+    Split(SplitArgs),
+}
+
+/// `agentmesh dataset split`
+#[derive(Debug, Args)]
+#[command(group = clap::ArgGroup::new("source").required(true).args(["dataset", "csv"]))]
+pub struct SplitArgs {
+    /// A bundled data set: `digits` (UCI optical digits, 1,797 x 64, 10 classes).
+    #[arg(long)]
+    pub dataset: Option<String>,
+    /// A CSV file: feature columns, the integer label last.
+    #[arg(long)]
+    pub csv: Option<PathBuf>,
+    /// Number of shards (nodes).
+    #[arg(long)]
+    pub nodes: usize,
+    /// Dirichlet alpha of the label skew (smaller: more skewed); IID when not given.
+    #[arg(long)]
+    pub alpha: Option<f64>,
+    /// Fraction held out as the test set.
+    #[arg(long, default_value_t = 0.2)]
+    pub test_fraction: f64,
+    /// Seed of the split.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Output directory.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Machine-readable output.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `agentmesh aggregate`
+#[derive(Debug, Args)]
+pub struct AggregateArgs {
+    /// fedavg, krum, multikrum, trimmed_mean, median or bulyan.
+    #[arg(long)]
+    pub method: String,
+    /// Byzantine updates to tolerate (Krum, Multi-Krum, Bulyan).
+    #[arg(short = 'f', default_value_t = 0)]
+    pub f: usize,
+    /// Updates Multi-Krum averages [default: n - f].
+    #[arg(short = 'm')]
+    pub m: Option<usize>,
+    /// Fraction trimmed from each side (trimmed_mean).
+    #[arg(long, default_value_t = 0.1)]
+    pub beta: f64,
+    /// Example count of each update, for FedAvg's weights: a JSON array or one number per
+    /// line, in the order of the updates [default: all 1].
+    #[arg(long)]
+    pub weights: Option<PathBuf>,
+    /// Where the result goes: .npy or .safetensors (safetensors inputs only).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Update files: .npy (1-D, f32 or f64) or agentmesh .safetensors updates.
+    #[arg(required = true)]
+    pub updates: Vec<PathBuf>,
+    /// Machine-readable output.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `agentmesh simulate`
+#[derive(Debug, Args)]
+pub struct SimulateArgs {
+    /// Federated clients.
+    #[arg(long, default_value_t = 10)]
+    pub clients: usize,
+    /// Rounds per run.
+    #[arg(long, default_value_t = 30)]
+    pub rounds: usize,
+    /// Dirichlet alpha of the label skew across clients.
+    #[arg(long, default_value_t = 0.5)]
+    pub alpha: f64,
+    /// Byzantine clients in the attack columns.
+    #[arg(long, default_value_t = 2)]
+    pub attackers: usize,
+    /// Seed.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Leave out the differential-privacy runs (the slowest part).
+    #[arg(long)]
+    pub no_privacy: bool,
+    /// The results as one JSON document.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `agentmesh kv ...`

@@ -97,6 +97,9 @@ impl Api {
 pub async fn run(cmd: Command) -> Result<()> {
     match cmd {
         Command::Start(_) => unreachable_start(),
+        Command::Dataset { command } => crate::offline::dataset(command),
+        Command::Aggregate(args) => crate::offline::aggregate(&args),
+        Command::Simulate(args) => crate::offline::simulate(&args),
         Command::Status(args) => status(&Api::new(&args)?).await,
         Command::Health { ready, client } => health(&Api::new(&client)?, ready).await,
         Command::Peers(args) => peers(&Api::new(&args)?).await,

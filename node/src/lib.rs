@@ -18,5 +18,6 @@ pub mod identity;
 pub mod metrics;
 pub mod network;
 pub mod node;
+pub mod offline;
 pub mod peers;
 pub mod raft;
