@@ -960,8 +960,15 @@ impl Cluster {
             .state
             .read()
             .is_ok_and(|a| a.state.cluster_id.is_some());
+        // openraft 0.9 has no check-quorum: a leader cut off from its voters still says it
+        // leads. Count it as leaderless once no quorum has answered for an election timeout.
+        let alone = m.current_leader == Some(self.inner.id)
+            && m.membership_config.membership().voter_ids().count() > 1
+            && m.millis_since_quorum_ack
+                .is_none_or(|ms| ms > self.inner.config.election_timeout_max_ms);
         founded
             && m.current_leader.is_some()
+            && !alone
             && m.membership_config
                 .membership()
                 .get_node(&self.inner.id)

@@ -90,6 +90,10 @@ async fn a_minority_cannot_commit_and_the_cluster_heals_to_one_leader() -> Resul
     assert_ne!(status, 200, "a minority acknowledged a write: {body}");
     let (status, body) = nodes[li].kv_get("before").await?;
     assert_ne!(status, 200, "a minority served a linearizable read: {body}");
+    assert!(
+        !nodes[li].is_ready().await,
+        "a leader without a quorum must not report ready"
+    );
 
     net.heal()?;
     wait_until(
