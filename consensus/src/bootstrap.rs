@@ -9,22 +9,24 @@
 //! Only with every member of the set accepting does the proposer initialize Raft with the set as
 //! voters; anything less and it releases the ones that did accept and tries again later.
 //!
-//! An acceptance lapses when its proposer says it is no longer proposing, or has not been heard
-//! from for [`ACCEPTANCE_TTL`], which frees nodes whose proposer vanished mid-way. Once Raft
-//! state exists on a node (it voted or got entries) it is in a cluster and never founds again.
-//! Whoever leads the new cluster first names it with the agreed set as its members.
+//! Every proposal carries the proposer's round number (persisted, increasing), so a late
+//! `Release` or a stale `Propose` of an earlier round cannot undo a later one. An acceptance
+//! ends only when its proposer releases that round, or answers a greeting saying it no longer
+//! proposes; never on a timer, since a silent proposer may have initialized Raft already. (A
+//! proposer that is gone for good leaves its acceptors waiting: restart it, or clear their
+//! data dirs.) While a node waits, Raft messages are taken only from the members of the set it
+//! promised (`Cluster::handle_rpc`), so no stranger can give it Raft state. Once Raft state
+//! exists on a node it is in a cluster and never founds again. Whoever leads the new cluster
+//! first names it with the agreed set as its members.
 //!
 //! [`Hello`]: crate::rpc::RpcRequest::Hello
 
 use std::collections::BTreeMap;
-use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
 use crate::types::{node_id_for, MemberRecord};
 
-/// An acceptance lapses when its proposer has not answered for this long.
-pub const ACCEPTANCE_TTL: Duration = Duration::from_secs(60);
 /// Largest `--bootstrap-expect`.
 pub const MAX_BOOTSTRAP_EXPECT: usize = 9;
 
@@ -33,6 +35,8 @@ pub const MAX_BOOTSTRAP_EXPECT: usize = 9;
 pub(crate) struct Proposal {
     /// The proposing node's peer id (the lowest in `members`).
     pub(crate) proposer: String,
+    /// The proposer's round: a later round of the same proposer replaces an earlier one.
+    pub(crate) round: u64,
     /// The founding members, the proposer included, ordered by peer id.
     pub(crate) members: Vec<MemberRecord>,
 }
@@ -42,6 +46,8 @@ pub(crate) struct Proposal {
 pub(crate) struct BootstrapState {
     /// The proposal this node accepted (its own, if it is proposing).
     pub(crate) accepted: Option<Proposal>,
+    /// Rounds this node has proposed in, so its next round is new.
+    pub(crate) rounds: u64,
 }
 
 /// A waiting (or member) node's answer to a greeting.
@@ -98,6 +104,7 @@ pub(crate) fn check_proposal(
     me: &MemberRecord,
     expect: Option<usize>,
     proposer: &str,
+    round: u64,
     proposal: &[MemberRecord],
 ) -> Result<(), Decline> {
     let invalid = |s: &str| Err(Decline::Invalid(s.to_string()));
@@ -130,8 +137,17 @@ pub(crate) fn check_proposal(
     }
     match &state.accepted {
         Some(p) if p.proposer != proposer => Err(Decline::Promised(p.proposer.clone())),
+        Some(p) if p.round > round => invalid("a later round of this proposer was accepted"),
         _ => Ok(()),
     }
+}
+
+/// Whether a `Release` of `round` from `proposer` ends this node's promise.
+pub(crate) fn releases(state: &BootstrapState, proposer: &str, round: u64) -> bool {
+    state
+        .accepted
+        .as_ref()
+        .is_some_and(|p| p.proposer == proposer && p.round == round)
 }
 
 fn sorted_unique(members: &[MemberRecord]) -> bool {
@@ -156,30 +172,6 @@ pub(crate) fn choose_set(
         Some(first) if first.peer_id == me => Ok(set),
         Some(first) => Err(format!("{} founds the cluster", first.peer_id)),
         None => Err("no key holders".into()),
-    }
-}
-
-/// When each proposer this node accepted was last heard from, to let an acceptance lapse.
-#[derive(Debug, Default)]
-pub(crate) struct ProposerWatch {
-    last_heard: Option<(String, Instant)>,
-}
-
-impl ProposerWatch {
-    /// Records an answer from `proposer`.
-    pub(crate) fn heard(&mut self, proposer: &str) {
-        self.last_heard = Some((proposer.to_string(), Instant::now()));
-    }
-
-    /// Whether the acceptance of `proposer` has lapsed. The clock starts at the first check.
-    pub(crate) fn lapsed(&mut self, proposer: &str) -> bool {
-        match &self.last_heard {
-            Some((p, at)) if p == proposer => at.elapsed() > ACCEPTANCE_TTL,
-            _ => {
-                self.heard(proposer);
-                false
-            }
-        }
     }
 }
 
@@ -219,23 +211,44 @@ mod tests {
         let me = record("b");
         let set = vec![record("a"), record("b"), record("c")];
         let empty = BootstrapState::default();
-        assert_eq!(check_proposal(&empty, &me, Some(3), "a", &set), Ok(()));
+        assert_eq!(check_proposal(&empty, &me, Some(3), "a", 1, &set), Ok(()));
         let promised = BootstrapState {
             accepted: Some(Proposal {
                 proposer: "a".into(),
+                round: 2,
                 members: set.clone(),
             }),
+            rounds: 0,
         };
-        // The same proposer again (a retry) is fine; anyone else is not.
-        assert_eq!(check_proposal(&promised, &me, Some(3), "a", &set), Ok(()));
+        // The same proposer again (a retry, or a later round) is fine; anyone else is not,
+        // and neither is an earlier round arriving late.
+        assert_eq!(
+            check_proposal(&promised, &me, Some(3), "a", 2, &set),
+            Ok(())
+        );
+        assert_eq!(
+            check_proposal(&promised, &me, Some(3), "a", 3, &set),
+            Ok(())
+        );
+        assert!(matches!(
+            check_proposal(&promised, &me, Some(3), "a", 1, &set),
+            Err(Decline::Invalid(_))
+        ));
         let other = vec![record("0"), record("b"), record("c")];
         assert_eq!(
-            check_proposal(&promised, &me, Some(3), "0", &other),
+            check_proposal(&promised, &me, Some(3), "0", 1, &other),
             Err(Decline::Promised("a".into()))
         );
+        // Only a release of the promised round ends the promise.
+        assert!(releases(&promised, "a", 2));
+        assert!(
+            !releases(&promised, "a", 1),
+            "a late release of an earlier round"
+        );
+        assert!(!releases(&promised, "0", 2));
         let bad = |s: &[MemberRecord], proposer: &str, expect| {
             matches!(
-                check_proposal(&empty, &me, expect, proposer, s),
+                check_proposal(&empty, &me, expect, proposer, 1, s),
                 Err(Decline::Invalid(_))
             )
         };
@@ -259,17 +272,5 @@ mod tests {
             bad(&wrong_id, "a", Some(3)),
             "node id not derived from peer id"
         );
-    }
-
-    #[test]
-    fn an_acceptance_lapses_only_after_the_ttl() {
-        let mut watch = ProposerWatch::default();
-        assert!(!watch.lapsed("a"));
-        watch.heard("a");
-        assert!(!watch.lapsed("a"));
-        // A different proposer restarts the clock.
-        assert!(!watch.lapsed("b"));
-        watch.last_heard = Some(("b".into(), Instant::now() - ACCEPTANCE_TTL * 2));
-        assert!(watch.lapsed("b"));
     }
 }

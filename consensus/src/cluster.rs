@@ -12,7 +12,7 @@ use openraft::{ChangeMembers, ServerState};
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::bootstrap::{self, BootstrapState, BootstrapStep, Decline, HelloReply, ProposerWatch};
+use crate::bootstrap::{self, BootstrapState, BootstrapStep, Decline, HelloReply};
 use crate::cluster_key::ClusterKey;
 use crate::config::{ClusterConfig, ConfigError};
 use crate::network::{self, Contacts, NetworkFactory, Transport, TransportError};
@@ -312,8 +312,11 @@ struct Bootstrap {
     expect: Option<usize>,
     /// What it promised (on disk).
     state: BootstrapState,
-    /// When the proposer it promised was last heard from.
-    watch: ProposerWatch,
+    /// It is waiting to found or join by key: until it has Raft state, Raft messages are
+    /// taken only from the set it promised.
+    waiting: bool,
+    /// A join by key succeeded: the leader may now replicate to it.
+    joined: bool,
 }
 
 /// A handle on this node's Raft member. Cheap to clone.
@@ -336,8 +339,9 @@ impl Cluster {
         let had_state = storage.has_state();
         let bootstrap = tokio::sync::Mutex::new(Bootstrap {
             expect: None,
-            state: storage.load_bootstrap(),
-            watch: ProposerWatch::default(),
+            state: storage.load_bootstrap().map_err(ClusterError::Storage)?,
+            waiting: false,
+            joined: false,
         });
         let (log, sm) = storage
             .split()
@@ -439,6 +443,7 @@ impl Cluster {
             match reply {
                 Ok(RpcResponse::Client(Ok(ClientReply::Joined { cluster_id }))) => {
                     tracing::info!(%cluster_id, via = %target.peer_id, "joined the cluster");
+                    self.inner.bootstrap.lock().await.joined = true;
                     return Ok(cluster_id);
                 }
                 Ok(RpcResponse::Client(Err(e))) => {
@@ -481,7 +486,11 @@ impl Cluster {
                 )));
             }
         }
-        inner.bootstrap.lock().await.expect = expect;
+        {
+            let mut b = inner.bootstrap.lock().await;
+            b.expect = expect;
+            b.waiting = true;
+        }
         if inner.storage.has_state() {
             return Ok(BootstrapStep::Done);
         }
@@ -492,20 +501,27 @@ impl Cluster {
         let replies = self.call_all(candidates, &hello, HELLO_TIMEOUT).await;
         let mut holders = BTreeMap::from([(me.clone(), inner.member_record())]);
         let mut members = Vec::new();
+        let mut foreign = 0usize;
         let mut proposing = BTreeMap::new();
         for (node, reply) in replies {
             let Ok(RpcResponse::Hello(r)) = reply else {
                 continue;
             };
-            if r.cluster_id.is_some() {
-                members.push(node);
-                continue;
-            }
+            // Only peers proving they hold our key count, as members to join through or as
+            // fellow founders: anyone else could send us to a cluster that refuses our key.
             let holds = r
                 .key_proof
                 .as_ref()
                 .is_some_and(|p| key.verifies(&node.peer_id, p));
-            if !holds || r.expect != expect {
+            if !holds {
+                foreign += usize::from(r.cluster_id.is_some());
+                continue;
+            }
+            if r.cluster_id.is_some() {
+                members.push(node);
+                continue;
+            }
+            if r.expect != expect {
                 continue;
             }
             proposing.insert(
@@ -529,43 +545,39 @@ impl Cluster {
             return Ok(BootstrapStep::Join(members));
         }
         let Some(expect) = expect else {
-            return Ok(BootstrapStep::Wait(
-                "no member of a cluster seen yet".into(),
-            ));
+            return Ok(BootstrapStep::Wait(if foreign > 0 {
+                format!(
+                    "{foreign} peers are members of a cluster but none proves our cluster key \
+                     (is the key the cluster's?)"
+                )
+            } else {
+                "no member of a cluster holding our key seen yet".into()
+            }));
         };
-        // Bound to someone else's proposal: wait for it, unless it has lapsed.
+        // Bound to someone else's proposal: wait for it. The promise ends only when that
+        // proposer says it no longer proposes; a silent one may have initialized Raft.
         {
             let mut b = inner.bootstrap.lock().await;
             if let Some(p) = b.state.accepted.clone().filter(|p| p.proposer != me) {
-                let gave_up = match proposing.get(&p.proposer) {
-                    Some(true) => {
-                        b.watch.heard(&p.proposer);
-                        false
-                    }
-                    Some(false) => true,
-                    None => b.watch.lapsed(&p.proposer),
-                };
-                if !gave_up {
+                if proposing.get(&p.proposer) != Some(&false) {
                     return Ok(BootstrapStep::Wait(format!(
                         "promised to found with {}",
                         p.proposer
                     )));
                 }
-                tracing::info!(proposer = %p.proposer, "the founding proposal this node accepted has lapsed");
-                let freed = BootstrapState::default();
-                inner
-                    .storage
-                    .save_bootstrap(&freed)
-                    .await
-                    .map_err(|e| ClusterError::Storage(e.to_string()))?;
-                b.state = freed;
+                tracing::info!(proposer = %p.proposer, "the proposer this node promised gave up");
+                self.save_promise(&mut b, None).await?;
             }
         }
-        let set = match bootstrap::choose_set(&me, &holders, expect) {
-            Ok(set) => set,
-            Err(why) => return Ok(BootstrapStep::Wait(why)),
-        };
-        self.propose(&key, set).await
+        match bootstrap::choose_set(&me, &holders, expect) {
+            Ok(set) => self.propose(&key, set).await,
+            Err(why) => {
+                // Our own earlier proposal (from before a restart, say) no longer fits what
+                // we see: free whoever accepted it, or they would wait for us forever.
+                self.abandon_own_proposal().await?;
+                Ok(BootstrapStep::Wait(why))
+            }
+        }
     }
 
     /// The proposer's side: promise ourselves, ask everyone else in `set`, and initialize Raft
@@ -577,37 +589,57 @@ impl Cluster {
     ) -> Result<BootstrapStep, ClusterError> {
         let inner = &self.inner;
         let me = inner.identity.peer_id.clone();
-        {
+        let round = {
             let mut b = inner.bootstrap.lock().await;
             if inner.storage.has_state() {
                 return Ok(BootstrapStep::Done);
             }
-            let mine = BootstrapState {
-                accepted: Some(bootstrap::Proposal {
-                    proposer: me.clone(),
-                    members: set.clone(),
-                }),
-            };
-            if b.state != mine {
-                inner
-                    .storage
-                    .save_bootstrap(&mine)
-                    .await
-                    .map_err(|e| ClusterError::Storage(e.to_string()))?;
-                b.state = mine;
+            // A promise to someone else may have been given since the caller looked.
+            if let Some(p) = b.state.accepted.as_ref().filter(|p| p.proposer != me) {
+                return Ok(BootstrapStep::Wait(format!(
+                    "promised to found with {}",
+                    p.proposer
+                )));
             }
-        }
+            match b.state.accepted.clone() {
+                // Same set again (a retry): same round.
+                Some(p) if p.members == set => p.round,
+                old => {
+                    let round = b.state.rounds + 1;
+                    let mine = BootstrapState {
+                        accepted: Some(bootstrap::Proposal {
+                            proposer: me.clone(),
+                            round,
+                            members: set.clone(),
+                        }),
+                        rounds: round,
+                    };
+                    inner
+                        .storage
+                        .save_bootstrap(&mine)
+                        .await
+                        .map_err(|e| ClusterError::Storage(e.to_string()))?;
+                    b.state = mine;
+                    drop(b);
+                    if let Some(old) = old {
+                        self.release(&old).await;
+                    }
+                    round
+                }
+            }
+        };
         let others: Vec<RaftNode> = set
             .iter()
             .filter(|m| m.peer_id != me)
             .map(MemberRecord::raft_node)
             .collect();
         let request = RpcRequest::Propose {
+            round,
             members: set.clone(),
             key_proof: key.prove(&me),
         };
         let replies = self.call_all(&others, &request, HELLO_TIMEOUT).await;
-        let refusals: Vec<String> = replies
+        let mut refusals: Vec<String> = replies
             .iter()
             .filter_map(|(node, r)| match r {
                 Ok(RpcResponse::Proposal(Ok(()))) => None,
@@ -616,6 +648,12 @@ impl Cluster {
                 Err(e) => Some(format!("{}: {e}", node.peer_id)),
             })
             .collect();
+        // A call that did not come back at all is no acceptance either.
+        for node in &others {
+            if !replies.iter().any(|(n, _)| n.peer_id == node.peer_id) {
+                refusals.push(format!("{}: no answer", node.peer_id));
+            }
+        }
         if refusals.is_empty() {
             let nodes: BTreeMap<NodeId, RaftNode> =
                 set.iter().map(|m| (m.node_id, m.raft_node())).collect();
@@ -629,23 +667,62 @@ impl Cluster {
             return Ok(BootstrapStep::Done);
         }
         // Not everyone agreed: free the ones that did and try again later.
-        let _ = self
-            .call_all(&others, &RpcRequest::Release, HELLO_TIMEOUT)
-            .await;
-        {
-            let mut b = inner.bootstrap.lock().await;
-            let freed = BootstrapState::default();
-            inner
-                .storage
-                .save_bootstrap(&freed)
-                .await
-                .map_err(|e| ClusterError::Storage(e.to_string()))?;
-            b.state = freed;
-        }
+        self.abandon_own_proposal().await?;
         Ok(BootstrapStep::Wait(format!(
             "proposal not accepted by all: {}",
             refusals.join("; ")
         )))
+    }
+
+    /// Persists this node's promise (or its absence) and only then changes it in memory.
+    async fn save_promise(
+        &self,
+        b: &mut Bootstrap,
+        accepted: Option<bootstrap::Proposal>,
+    ) -> Result<(), ClusterError> {
+        let next = BootstrapState {
+            accepted,
+            rounds: b.state.rounds,
+        };
+        self.inner
+            .storage
+            .save_bootstrap(&next)
+            .await
+            .map_err(|e| ClusterError::Storage(e.to_string()))?;
+        b.state = next;
+        Ok(())
+    }
+
+    /// Drops this node's own proposal, if it has one and no Raft state, releasing the others
+    /// in it.
+    async fn abandon_own_proposal(&self) -> Result<(), ClusterError> {
+        let mut b = self.inner.bootstrap.lock().await;
+        let own = b
+            .state
+            .accepted
+            .clone()
+            .filter(|p| p.proposer == self.inner.identity.peer_id);
+        if let Some(p) = own {
+            if self.inner.storage.has_state() {
+                return Ok(()); // it was initialized: that promise is history
+            }
+            self.save_promise(&mut b, None).await?;
+            drop(b);
+            self.release(&p).await;
+        }
+        Ok(())
+    }
+
+    /// Tells the others in our proposal `p` that its round is over.
+    async fn release(&self, p: &bootstrap::Proposal) {
+        let others: Vec<RaftNode> = p
+            .members
+            .iter()
+            .filter(|m| m.peer_id != self.inner.identity.peer_id)
+            .map(MemberRecord::raft_node)
+            .collect();
+        let request = RpcRequest::Release { round: p.round };
+        let _ = self.call_all(&others, &request, HELLO_TIMEOUT).await;
     }
 
     /// Sends `request` to every node at once and collects the answers.
@@ -1322,6 +1399,15 @@ impl Inner {
                 "peer {caller} sent a Raft message in another node's name"
             ))
         };
+        let raft_message = matches!(
+            request,
+            RpcRequest::AppendEntries(_) | RpcRequest::Vote(_) | RpcRequest::InstallSnapshot(_)
+        );
+        if raft_message && !self.takes_raft_from(caller_id).await {
+            return RpcResponse::Refused(format!(
+                "peer {caller} is not in the set this node promised to found with"
+            ));
+        }
         match request {
             RpcRequest::AppendEntries(r) => {
                 if r.vote.leader_id.node_id != caller_id {
@@ -1402,24 +1488,46 @@ impl Inner {
                 };
                 RpcResponse::Hello(self.hello_reply(holds_key).await)
             }
-            RpcRequest::Propose { members, key_proof } => {
-                RpcResponse::Proposal(self.consider_proposal(caller, members, &key_proof).await)
-            }
-            RpcRequest::Release => {
+            RpcRequest::Propose {
+                round,
+                members,
+                key_proof,
+            } => RpcResponse::Proposal(
+                self.consider_proposal(caller, round, members, &key_proof)
+                    .await,
+            ),
+            RpcRequest::Release { round } => {
                 let mut b = self.bootstrap.lock().await;
-                if b.state
-                    .accepted
-                    .as_ref()
-                    .is_some_and(|p| p.proposer == caller)
-                {
-                    b.state.accepted = None;
-                    if let Err(e) = self.storage.save_bootstrap(&b.state).await {
-                        tracing::warn!(error = %e, "cannot save the bootstrap state");
+                // Only the promised round, and never once Raft has state: a late release
+                // must not free a node whose founding already happened.
+                if bootstrap::releases(&b.state, caller, round) && !self.storage.has_state() {
+                    let freed = BootstrapState {
+                        accepted: None,
+                        rounds: b.state.rounds,
+                    };
+                    match self.storage.save_bootstrap(&freed).await {
+                        Ok(()) => b.state = freed,
+                        Err(e) => tracing::warn!(error = %e, "cannot save the bootstrap state"),
                     }
                 }
                 RpcResponse::Released
             }
         }
+    }
+
+    /// Whether a Raft message from `caller` may be handled. A node waiting to found or join
+    /// by key has no Raft state yet; a vote or entries from a stranger would give it some and
+    /// end its founding, so until then only the set it promised may send Raft messages (and
+    /// anyone once it has joined by key).
+    async fn takes_raft_from(&self, caller: NodeId) -> bool {
+        let b = self.bootstrap.lock().await;
+        if !b.waiting || b.joined || self.storage.has_state() {
+            return true;
+        }
+        b.state
+            .accepted
+            .as_ref()
+            .is_some_and(|p| p.members.iter().any(|m| m.node_id == caller))
     }
 
     /// Describes this node to a greeting peer. Only a peer that proved it holds our cluster
@@ -1457,6 +1565,7 @@ impl Inner {
     async fn consider_proposal(
         &self,
         caller: &str,
+        round: u64,
         members: Vec<MemberRecord>,
         key_proof: &[u8],
     ) -> Result<(), Decline> {
@@ -1472,14 +1581,23 @@ impl Inner {
         if self.storage.has_state() {
             return Err(Decline::InCluster);
         }
-        bootstrap::check_proposal(&b.state, &self.member_record(), b.expect, caller, &members)?;
+        bootstrap::check_proposal(
+            &b.state,
+            &self.member_record(),
+            b.expect,
+            caller,
+            round,
+            &members,
+        )?;
         let accepted = bootstrap::Proposal {
             proposer: caller.to_string(),
+            round,
             members,
         };
         if b.state.accepted.as_ref() != Some(&accepted) {
             let promised = BootstrapState {
                 accepted: Some(accepted),
+                rounds: b.state.rounds,
             };
             self.storage
                 .save_bootstrap(&promised)
@@ -1487,7 +1605,6 @@ impl Inner {
                 .map_err(|e| Decline::Invalid(format!("cannot save the promise: {e}")))?;
             b.state = promised;
         }
-        b.watch.heard(caller);
         Ok(())
     }
 

@@ -21,7 +21,7 @@ mod store;
 mod token;
 mod types;
 
-pub use bootstrap::{BootstrapStep, ACCEPTANCE_TTL, MAX_BOOTSTRAP_EXPECT};
+pub use bootstrap::{BootstrapStep, MAX_BOOTSTRAP_EXPECT};
 pub use cluster::{
     fmt_node_id, Cluster, ClusterError, Identity, MemberStatus, RaftStatus, CLIENT_TIMEOUT,
     MAX_LIST,

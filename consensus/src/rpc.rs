@@ -41,12 +41,15 @@ pub(crate) enum RpcRequest {
     },
     /// The caller proposes to found a cluster with these members (see `bootstrap.rs`).
     Propose {
+        round: u64,
         members: Vec<MemberRecord>,
         #[serde(with = "serde_bytes")]
         key_proof: Vec<u8>,
     },
-    /// The caller gives up its proposal; whoever accepted it is free again.
-    Release,
+    /// The caller gives up its proposal of this round; whoever accepted it is free again.
+    Release {
+        round: u64,
+    },
 }
 
 /// The reply to an [`RpcRequest`].

@@ -121,15 +121,16 @@ impl Storage {
         self.db.flush().map(|_| ())
     }
 
-    /// What this node promised while waiting to found (see `bootstrap.rs`).
-    pub(crate) fn load_bootstrap(&self) -> BootstrapState {
-        let tree = self.db.open_tree(BOOTSTRAP_TREE);
-        match tree.and_then(|t| t.get(BOOTSTRAP_STATE)) {
-            Ok(Some(bytes)) => decode(&bytes).unwrap_or_else(|e| {
-                tracing::warn!(error = %e, "unreadable bootstrap state; starting afresh");
-                BootstrapState::default()
-            }),
-            _ => BootstrapState::default(),
+    /// What this node promised while waiting to found (see `bootstrap.rs`). An unreadable
+    /// promise is an error: forgetting it could let this node promise twice.
+    pub(crate) fn load_bootstrap(&self) -> Result<BootstrapState, String> {
+        let tree = self
+            .db
+            .open_tree(BOOTSTRAP_TREE)
+            .map_err(|e| e.to_string())?;
+        match tree.get(BOOTSTRAP_STATE).map_err(|e| e.to_string())? {
+            Some(bytes) => decode(&bytes).map_err(|e| format!("unreadable bootstrap state: {e}")),
+            None => Ok(BootstrapState::default()),
         }
     }
 

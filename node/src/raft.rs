@@ -144,6 +144,7 @@ async fn enter_by_key(
     expect: Option<usize>,
 ) -> Result<(), ClusterError> {
     let mut attempts = 0u32;
+    let mut last_reason: Option<String> = None;
     loop {
         let candidates: Vec<RaftNode> = net
             .peers()
@@ -168,13 +169,14 @@ async fn enter_by_key(
             },
             BootstrapStep::Wait(why) => why,
         };
-        if attempts.is_multiple_of(20) {
+        if attempts.is_multiple_of(20) || last_reason.as_deref() != Some(waiting.as_str()) {
             tracing::info!(
                 reason = %waiting,
                 peers = candidates.len(),
                 "waiting to found or join a cluster by key"
             );
         }
+        last_reason = Some(waiting);
         attempts += 1;
         tokio::time::sleep(KEY_RETRY).await;
     }
