@@ -1520,8 +1520,13 @@ impl Inner {
     /// end its founding, so until then only the set it promised may send Raft messages (and
     /// anyone once it has joined by key).
     async fn takes_raft_from(&self, caller: NodeId) -> bool {
-        let b = self.bootstrap.lock().await;
-        if !b.waiting || b.joined || self.storage.has_state() {
+        let mut b = self.bootstrap.lock().await;
+        if !b.waiting || b.joined {
+            return true;
+        }
+        if self.storage.has_state() {
+            // In a cluster now: stop asking storage on every Raft message.
+            b.waiting = false;
             return true;
         }
         b.state

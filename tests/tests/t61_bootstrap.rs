@@ -2,7 +2,7 @@
 //! found exactly one cluster whatever order the nodes start in; later key holders join
 //! without a token; a node with another key is never admitted and says why.
 
-use agentmesh_tests::{fast_raft_args, fixed_ports, shape, wait_until, Node};
+use agentmesh_tests::{fast_raft_args, fixed_ports, shape, wait_settled, wait_until, Node};
 use anyhow::{bail, Context, Result};
 use serde_json::json;
 use std::collections::BTreeSet;
@@ -43,41 +43,20 @@ fn key_args(key: &Path, expect: Option<usize>, bootstrap: &[String]) -> Vec<Stri
     args
 }
 
-/// Waits until every node is ready, all report one cluster id, and the first node sees
-/// `members` active members and `voters` voters with the membership settled everywhere.
-async fn wait_one_cluster(nodes: &[Node], members: usize, voters: usize) -> Result<String> {
-    let found = &std::sync::Mutex::new(String::new());
-    wait_until(
-        "one cluster with every node in it",
-        Duration::from_secs(60),
-        || async {
-            let mut ids = BTreeSet::new();
-            for node in nodes {
-                if !node.is_ready().await {
-                    return Ok(false);
-                }
-                let c = node.cluster().await?;
-                if c["membership_changing"] != false {
-                    return Ok(false);
-                }
-                ids.insert(c["cluster_id"].as_str().unwrap_or_default().to_string());
-            }
-            let (v, _, active) = shape(&nodes[0]).await?;
-            if ids.len() > 1 {
-                bail!("more than one cluster was founded: {ids:?}");
-            }
-            let id = ids.into_iter().next().unwrap_or_default();
-            let done = !id.is_empty() && v == voters && active == members;
-            *found.lock().map_err(|_| anyhow::anyhow!("poisoned"))? = id;
-            Ok(done)
-        },
-    )
-    .await?;
-    let id = found
-        .lock()
-        .map_err(|_| anyhow::anyhow!("poisoned"))?
-        .clone();
-    Ok(id)
+/// Waits until every node is ready and sees `voters` voters, every node as an active member
+/// and a settled membership (`wait_settled`), then checks they all report one cluster id.
+/// (Nodes of two clusters could never all see every node as a member.)
+async fn wait_one_cluster(nodes: &[Node], voters: usize) -> Result<String> {
+    wait_settled(nodes, voters).await?;
+    let mut ids = BTreeSet::new();
+    for node in nodes {
+        let c = node.cluster().await?;
+        ids.insert(c["cluster_id"].as_str().unwrap_or_default().to_string());
+    }
+    if ids.len() != 1 || ids.contains("") {
+        bail!("not exactly one cluster: {ids:?}");
+    }
+    Ok(ids.into_iter().next().unwrap_or_default())
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -99,7 +78,7 @@ async fn key_holders_started_in_any_order_found_exactly_one_cluster() -> Result<
         args.extend(key_args(&key, Some(3), &others));
         nodes.push(Node::start(root.path(), &format!("k{i}"), &args).await?);
     }
-    let cluster_id = wait_one_cluster(&nodes, 5, 5).await?;
+    let cluster_id = wait_one_cluster(&nodes, 5).await?;
 
     // A key-founded cluster serves writes like any other.
     let (status, body) = nodes[4].kv_put("founded", &json!("by key"), None).await?;
@@ -113,7 +92,7 @@ async fn key_holders_started_in_any_order_found_exactly_one_cluster() -> Result<
     let others: Vec<String> = all.iter().filter(|a| **a != all[3]).cloned().collect();
     args.extend(key_args(&key, Some(3), &others));
     nodes[0] = Node::start(root.path(), &name, &args).await?;
-    assert_eq!(wait_one_cluster(&nodes, 5, 5).await?, cluster_id);
+    assert_eq!(wait_one_cluster(&nodes, 5).await?, cluster_id);
     let (status, body) = nodes[0].kv_get("founded").await?;
     assert_eq!((status, body["value"].clone()), (200, json!("by key")));
     Ok(())
@@ -136,13 +115,13 @@ async fn later_key_holders_join_without_a_token_and_other_keys_are_never_admitte
         args.extend(key_args(&key, Some(3), &others));
         nodes.push(Node::start(root.path(), &format!("f{i}"), &args).await?);
     }
-    let cluster_id = wait_one_cluster(&nodes, 3, 3).await?;
+    let cluster_id = wait_one_cluster(&nodes, 3).await?;
 
     // Same key, no --bootstrap-expect: joins the existing cluster through any member.
     let mut args = fixed_ports()?;
     args.extend(key_args(&key, None, &[all[2].clone()]));
     nodes.push(Node::start(root.path(), "late", &args).await?);
-    assert_eq!(wait_one_cluster(&nodes, 4, 3).await?, cluster_id);
+    assert_eq!(wait_one_cluster(&nodes, 3).await?, cluster_id);
 
     // Another key: the members do not prove that key, so the node never joins; it says why.
     let wrong = key_file(root.path(), "wrong.key", "some other secret entirely")?;
