@@ -19,7 +19,7 @@ use crate::network::{self, Contacts, NetworkFactory, Transport, TransportError};
 use crate::rpc::{
     self, ClientOp, ClientReply, RemoteError, RemoteErrorKind, RpcRequest, RpcResponse,
 };
-use crate::state::{KvEntry, MAX_KEY_LEN, MAX_NAME_LEN, MAX_VALUE_LEN};
+use crate::state::{ClusterState, KvEntry, MAX_KEY_LEN, MAX_NAME_LEN, MAX_VALUE_LEN};
 use crate::store::{SharedState, Storage};
 use crate::token::{JoinToken, TokenBody, TokenError, MAX_TOKEN_TTL_SECS};
 use crate::types::{
@@ -1050,6 +1050,44 @@ impl Cluster {
                 .membership()
                 .get_node(&self.inner.id)
                 .is_some()
+    }
+
+    /// Writes a training-job command through Raft.
+    pub async fn job_write(&self, cmd: crate::jobs::JobCommand) -> Result<(), ClusterError> {
+        self.write(Command::Job(cmd)).await.map(|_| ())
+    }
+
+    /// Reads this node's applied state (not linearizable: a follower may lag the leader by the
+    /// entries it has not applied yet).
+    pub fn read<R>(&self, f: impl FnOnce(&ClusterState) -> R) -> Result<R, ClusterError> {
+        let applied = self.inner.state.read().map_err(|_| poisoned())?;
+        Ok(f(&applied.state))
+    }
+
+    /// Whether this node leads the cluster with a quorum behind it.
+    pub fn is_leader(&self) -> bool {
+        self.has_leader()
+            && self.inner.raft.metrics().borrow().current_leader == Some(self.inner.id)
+    }
+
+    /// The index of the last applied entry, updated as entries are applied.
+    pub fn applied_watch(&self) -> watch::Receiver<Option<u64>> {
+        let (tx, rx) = watch::channel(None);
+        let mut metrics = self.inner.raft.metrics();
+        tokio::spawn(async move {
+            loop {
+                let applied = metrics.borrow_and_update().last_applied.map(|l| l.index);
+                tx.send_if_modified(|a| {
+                    let changed = *a != applied;
+                    *a = applied;
+                    changed
+                });
+                if metrics.changed().await.is_err() || tx.is_closed() {
+                    break;
+                }
+            }
+        });
+        rx
     }
 
     /// The current leader's id, updated as it changes.

@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::jobs::{JobRecord, TrainerInfo};
 use crate::types::{Command, CommandResult, MemberRecord, MemberState, NodeId, Rejection};
 
 /// Longest key, in bytes.
@@ -45,10 +46,12 @@ pub(crate) enum Touched {
     Member(NodeId),
     Kv(String),
     Token(Vec<u8>),
+    Job(String),
+    Trainer(NodeId),
 }
 
 /// The whole replicated state.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ClusterState {
     /// Set by the first `Found` command.
     pub cluster_id: Option<String>,
@@ -64,6 +67,12 @@ pub struct ClusterState {
     /// Consumed join-token nonces.
     #[serde(with = "token_map")]
     pub used_tokens: BTreeMap<Vec<u8>, UsedToken>,
+    /// Training jobs by id.
+    #[serde(default)]
+    pub jobs: BTreeMap<String, JobRecord>,
+    /// Nodes that can train, and on what.
+    #[serde(default)]
+    pub trainers: BTreeMap<NodeId, TrainerInfo>,
     /// Bytes held by keys and values, for the quota.
     #[serde(skip)]
     kv_bytes: usize,
@@ -153,6 +162,7 @@ impl ClusterState {
                 touched.push(Touched::Kv(key.clone()));
                 CommandResult::Written { version }
             }
+            Command::Job(job) => self.apply_job(job, touched),
             Command::KvDelete { key, if_version } => {
                 if let Err(r) = self.check_version(key, *if_version) {
                     return CommandResult::Rejected(r);

@@ -32,6 +32,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::bootstrap::BootstrapState;
+use crate::jobs::{JobRecord, TrainerInfo};
 use crate::state::{ClusterState, KvEntry, Touched, UsedToken};
 use crate::types::{CommandResult, MemberRecord, NodeId, RaftNode, TypeConfig};
 
@@ -363,6 +364,18 @@ fn kv_key(key: &str) -> Vec<u8> {
     k
 }
 
+fn job_key(id: &str) -> Vec<u8> {
+    let mut k = b"j".to_vec();
+    k.extend_from_slice(id.as_bytes());
+    k
+}
+
+fn trainer_key(id: NodeId) -> Vec<u8> {
+    let mut k = b"w".to_vec();
+    k.extend_from_slice(&id.to_be_bytes());
+    k
+}
+
 fn token_key(nonce: &[u8]) -> Vec<u8> {
     let mut k = b"t".to_vec();
     k.extend_from_slice(nonce);
@@ -394,6 +407,20 @@ impl StateMachineStore {
                 [b't', rest @ ..] => {
                     let u: UsedToken = decode(&value).map_err(read_err)?;
                     applied.state.used_tokens.insert(rest.to_vec(), u);
+                }
+                [b'j', ..] => {
+                    let j: JobRecord = decode(&value).map_err(read_err)?;
+                    applied.state.jobs.insert(j.id.clone(), j);
+                }
+                [b'w', rest @ ..] => {
+                    let id: [u8; 8] = rest
+                        .try_into()
+                        .map_err(|_| read_err(std::io::Error::other("malformed trainer key")))?;
+                    let info: TrainerInfo = decode(&value).map_err(read_err)?;
+                    applied
+                        .state
+                        .trainers
+                        .insert(NodeId::from_be_bytes(id), info);
                 }
                 _ => {}
             }
@@ -439,6 +466,14 @@ impl StateMachineStore {
                 Touched::Token(nonce) => match applied.state.used_tokens.get(&nonce) {
                     Some(u) => batch.insert(token_key(&nonce), encode(u)),
                     None => batch.remove(token_key(&nonce)),
+                },
+                Touched::Job(id) => match applied.state.jobs.get(&id) {
+                    Some(j) => batch.insert(job_key(&id), encode(j)),
+                    None => batch.remove(job_key(&id)),
+                },
+                Touched::Trainer(id) => match applied.state.trainers.get(&id) {
+                    Some(t) => batch.insert(trainer_key(id), encode(t)),
+                    None => batch.remove(trainer_key(id)),
                 },
             }
         }
@@ -564,6 +599,8 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                 .keys()
                 .map(|n| Touched::Token(n.clone())),
         );
+        touched.extend(new.state.jobs.keys().map(|id| Touched::Job(id.clone())));
+        touched.extend(new.state.trainers.keys().map(|id| Touched::Trainer(*id)));
         // Removes first, then the new contents, all in one atomic batch.
         self.sm
             .apply_batch(batch)

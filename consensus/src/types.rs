@@ -102,7 +102,7 @@ pub struct TokenUse {
 }
 
 /// A command replicated through Raft and applied, in log order, on every member.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Command {
     /// Names the cluster; the first command of a new cluster. Ignored once a cluster id is set.
@@ -161,6 +161,8 @@ pub enum Command {
     /// Several commands proposed together, applied in order as if one by one: the leader
     /// groups concurrent writes so they share one log entry and one flush.
     Batch(Vec<Command>),
+    /// Changes a training job.
+    Job(crate::jobs::JobCommand),
     /// Deletes a key.
     KvDelete {
         /// Key.
@@ -229,6 +231,12 @@ pub enum Rejection {
     /// A node joined by cluster key, but the cluster was founded without one.
     #[error("this cluster has no cluster key; join with a token")]
     NoClusterKey,
+    /// No job has this id.
+    #[error("no job {0}")]
+    NoSuchJob(String),
+    /// The job change does not fit the job's state.
+    #[error("job: {0}")]
+    JobConflict(String),
     /// A batch inside a batch.
     #[error("nested batches are not allowed")]
     NestedBatch,

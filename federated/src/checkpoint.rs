@@ -139,7 +139,39 @@ pub fn encode(
         ("content".to_string(), content.as_str().to_string()),
         ("architecture".to_string(), arch_json),
     ]);
-    Ok(safetensors::serialize(views, Some(metadata))?)
+    let bytes = safetensors::serialize(views, Some(metadata))?;
+    Ok(canonical_header(bytes))
+}
+
+/// Rewrites the safetensors JSON header with its keys sorted. `safetensors` writes the
+/// metadata map in hash order, which differs between processes; models are identified by the
+/// hash of their bytes, so the same parameters must always give the same bytes. The header
+/// keeps its length (same entries, same padding), so the data offsets stay valid.
+fn canonical_header(mut bytes: Vec<u8>) -> Vec<u8> {
+    let Some(len) = bytes
+        .get(..8)
+        .and_then(|b| <[u8; 8]>::try_from(b).ok())
+        .map(|b| u64::from_le_bytes(b) as usize)
+    else {
+        return bytes;
+    };
+    let Some(header) = bytes.get(8..8 + len) else {
+        return bytes;
+    };
+    let trimmed = std::str::from_utf8(header).map(str::trim_end);
+    let Ok(Ok(value)) = trimmed.map(serde_json::from_str::<serde_json::Value>) else {
+        return bytes;
+    };
+    // serde_json's map is ordered by key (no `preserve_order`), at every depth.
+    let Ok(mut sorted) = serde_json::to_vec(&value) else {
+        return bytes;
+    };
+    if sorted.len() > len {
+        return bytes;
+    }
+    sorted.resize(len, b' ');
+    bytes[8..8 + len].copy_from_slice(&sorted);
+    bytes
 }
 
 /// Decodes safetensors bytes into an architecture, flat parameters and what
@@ -351,6 +383,23 @@ mod tests {
             Model::load(&path),
             Err(CheckpointError::WrongContent { .. })
         ));
+        Ok(())
+    }
+
+    #[test]
+    fn the_same_parameters_always_give_the_same_bytes() -> anyhow::Result<()> {
+        // Each HashMap hashes with its own random keys, so without sorting the metadata
+        // order would change from one encoding to the next.
+        let m = model();
+        let first = m.to_safetensors()?;
+        for _ in 0..32 {
+            assert_eq!(m.to_safetensors()?, first);
+        }
+        let len = u64::from_le_bytes(first[..8].try_into()?) as usize;
+        let header = std::str::from_utf8(&first[8..8 + len])?;
+        let at = |k: &str| header.find(k).unwrap();
+        assert!(at("\"architecture\"") < at("\"content\"") && at("\"content\"") < at("\"format\""));
+        assert_eq!(Model::from_safetensors(&first)?, m);
         Ok(())
     }
 

@@ -2,6 +2,7 @@
 //! events over WebSocket, and blobs.
 
 mod cluster;
+mod jobs;
 
 use crate::{
     blobs::{BlobError, BlobStore, FetchError, Fetcher},
@@ -55,6 +56,8 @@ pub struct ApiState {
     pub readiness: watch::Receiver<Readiness>,
     /// This node's Raft member.
     pub cluster: Cluster,
+    /// Training jobs.
+    pub jobs: crate::jobs::Jobs,
     /// Admin key clients must present, if any.
     pub api_key: Option<String>,
     /// Node name.
@@ -147,6 +150,7 @@ pub fn router(state: Shared) -> Router {
         .route("/v1/blobs/{hash}/status", get(blob_status))
         .route("/v1/blobs/{hash}/providers", get(blob_providers))
         .merge(cluster::routes())
+        .merge(jobs::routes())
         .route_layer(middleware::from_fn_with_state(state.clone(), require_key));
     Router::new()
         .route("/healthz", get(|| async { "ok" }))

@@ -87,6 +87,21 @@ pub enum Command {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Federated training jobs: submit, follow, list, cancel, verify.
+    Job {
+        #[command(subcommand)]
+        command: JobsCommand,
+    },
+    /// Models trained by jobs.
+    Model {
+        #[command(subcommand)]
+        command: ModelCommand,
+    },
+    /// Start a local cluster with the bundled digits data split across it, one node
+    /// Byzantine, and train a Krum and a FedAvg model side by side.
+    Demo(DemoArgs),
+    /// Score a model file on a CSV (offline): loss and accuracy.
+    Evaluate(EvaluateArgs),
     /// Data sets (offline, no node needed).
     Dataset {
         #[command(subcommand)]
@@ -98,6 +113,167 @@ pub enum Command {
     /// Run federated training in-process on the bundled digits set and print the results
     /// table: centralized, per aggregator clean and under attack, and with differential privacy.
     Simulate(SimulateArgs),
+}
+
+/// `agentmesh job ...`
+#[allow(missing_docs)] // flattened client options carry no doc of their own
+#[derive(Debug, Subcommand)]
+pub enum JobsCommand {
+    /// Submit a training job (a JSON file with --spec, and/or flags that set its fields).
+    Submit(Box<SubmitArgs>),
+    /// Show a job; --follow shows a progress bar per round until it ends.
+    Status {
+        /// Job id.
+        id: String,
+        /// Keep watching until the job ends (with --json: one object per change).
+        #[arg(long)]
+        follow: bool,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// List jobs.
+    List(ClientArgs),
+    /// Cancel a running job.
+    Cancel {
+        /// Job id.
+        id: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Recompute committed rounds from the signed update blobs and compare model hashes.
+    Verify {
+        /// Job id.
+        id: String,
+        /// Only this round.
+        #[arg(long)]
+        round: Option<u32>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
+/// `agentmesh job submit`: flags override the fields of --spec; without --spec the job
+/// starts from a softmax model on 64 features and 10 classes (the bundled digits set).
+#[derive(Debug, Args)]
+pub struct SubmitArgs {
+    /// JSON job file (the format in interface.md).
+    #[arg(long)]
+    pub spec: Option<PathBuf>,
+    /// `softmax` or `mlp`.
+    #[arg(long)]
+    pub model: Option<String>,
+    /// Hidden layer widths for an MLP, e.g. 64 or 128,64.
+    #[arg(long, value_delimiter = ',')]
+    pub hidden: Vec<usize>,
+    /// Features per example.
+    #[arg(long)]
+    pub features: Option<usize>,
+    /// Classes.
+    #[arg(long)]
+    pub classes: Option<usize>,
+    /// Rounds.
+    #[arg(long)]
+    pub rounds: Option<u32>,
+    /// Local epochs per round.
+    #[arg(long)]
+    pub local_epochs: Option<usize>,
+    /// Local minibatch size.
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    /// Local learning rate.
+    #[arg(long)]
+    pub learning_rate: Option<f32>,
+    /// Local momentum.
+    #[arg(long)]
+    pub momentum: Option<f32>,
+    /// fedavg, krum, multikrum, trimmed_mean, median or bulyan.
+    #[arg(long)]
+    pub aggregator: Option<String>,
+    /// f: faulty participants to tolerate.
+    #[arg(long)]
+    pub byzantine: Option<usize>,
+    /// β for trimmed_mean.
+    #[arg(long)]
+    pub trim_ratio: Option<f64>,
+    /// Fewest valid updates a round needs.
+    #[arg(long)]
+    pub min_participants: Option<usize>,
+    /// Seconds a round waits for updates.
+    #[arg(long)]
+    pub round_timeout_secs: Option<u64>,
+    /// Differential privacy: clip every update to this L2 norm.
+    #[arg(long)]
+    pub clip_norm: Option<f64>,
+    /// Differential privacy: noise multiplier z (needs --clip-norm).
+    #[arg(long)]
+    pub noise_multiplier: Option<f64>,
+    /// Differential privacy: δ [default: 1e-5].
+    #[arg(long)]
+    pub delta: Option<f64>,
+    /// Differential privacy: stop before ε would exceed this.
+    #[arg(long)]
+    pub max_epsilon: Option<f64>,
+    /// Start from this model blob (sha256 of a safetensors file).
+    #[arg(long)]
+    pub initial_model: Option<String>,
+    /// Then follow it like `job status --follow`.
+    #[arg(long)]
+    pub follow: bool,
+    /// Connection options.
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+/// `agentmesh model ...`
+#[allow(missing_docs)] // flattened client options carry no doc of their own
+#[derive(Debug, Subcommand)]
+pub enum ModelCommand {
+    /// Write a job's current model (or a model by hash) as safetensors.
+    Get {
+        /// Job id or model hash.
+        key: String,
+        /// Output file.
+        out: PathBuf,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
+/// `agentmesh demo`
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Nodes to start (3 to 9).
+    #[arg(long, default_value_t = 5)]
+    pub nodes: usize,
+    /// Rounds per job.
+    #[arg(long, default_value_t = 20)]
+    pub rounds: u32,
+    /// Dirichlet α of the non-IID split (smaller: more skewed).
+    #[arg(long, default_value_t = 1.0)]
+    pub alpha: f64,
+    /// The Byzantine node's attack.
+    #[arg(long, default_value = "sign-flip")]
+    pub attack: String,
+    /// Keep the cluster's data dir here instead of a temporary one (kept afterwards).
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+    /// Print the final results as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `agentmesh evaluate`
+#[derive(Debug, Args)]
+pub struct EvaluateArgs {
+    /// Model file (safetensors, as `model get` writes).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// CSV to score on (features, label last).
+    #[arg(long)]
+    pub csv: PathBuf,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `agentmesh dataset ...`
@@ -336,6 +512,20 @@ pub struct StartArgs {
     /// cluster with them as voters (needs --cluster-key-file).
     #[arg(long, env = "AGENTMESH_BOOTSTRAP_EXPECT")]
     pub bootstrap_expect: Option<usize>,
+    /// This node's private training data: CSV, features then an integer label last.
+    #[arg(long, env = "AGENTMESH_DATA")]
+    pub data: Option<PathBuf>,
+    /// Held-out CSV this node scores new global models on when it aggregates a round.
+    #[arg(long, env = "AGENTMESH_EVAL_DATA")]
+    pub eval_data: Option<PathBuf>,
+    /// Train with this program instead of the built-in trainer (e.g. "python3 train.py");
+    /// see docs/TRAINING.md for the file protocol. Needs --data.
+    #[arg(long, env = "AGENTMESH_TRAINER_CMD")]
+    pub trainer_cmd: Option<String>,
+    /// TESTING ONLY: send malicious updates (sign-flip, scale, gaussian, alie, ipm, nan) to
+    /// exercise robust aggregation. Never set this on a real deployment.
+    #[arg(long, env = "AGENTMESH_BYZANTINE")]
+    pub byzantine: Option<String>,
     /// Raft leader heartbeat interval in milliseconds [default: 100].
     #[arg(long, env = "AGENTMESH_RAFT_HEARTBEAT_MS")]
     pub raft_heartbeat_ms: Option<u64>,

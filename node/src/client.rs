@@ -1,7 +1,9 @@
 //! Client commands: each talks to a node's HTTP API and prints the answer,
 //! human-readable by default or as JSON with `--json`.
 
-use crate::cli::{BlobCommand, ClientArgs, Command, KvCommand};
+mod jobs;
+
+use crate::cli::{BlobCommand, ClientArgs, Command, JobsCommand, KvCommand, ModelCommand};
 use agentmesh_protocols::blob::BlobHash;
 use anyhow::{anyhow, bail, Context, Result};
 use futures::{SinkExt, StreamExt};
@@ -100,6 +102,24 @@ pub async fn run(cmd: Command) -> Result<()> {
         Command::Dataset { command } => crate::offline::dataset(command),
         Command::Aggregate(args) => crate::offline::aggregate(&args),
         Command::Simulate(args) => crate::offline::simulate(&args),
+        Command::Evaluate(args) => crate::offline::evaluate(&args),
+        Command::Demo(args) => crate::demo::run(args).await,
+        Command::Job { command } => match command {
+            JobsCommand::Submit(args) => jobs::submit(&Api::new(&args.client)?, &args).await,
+            JobsCommand::Status { id, follow, client } => {
+                jobs::status(&Api::new(&client)?, &id, follow).await
+            }
+            JobsCommand::List(client) => jobs::list(&Api::new(&client)?).await,
+            JobsCommand::Cancel { id, client } => jobs::cancel(&Api::new(&client)?, &id).await,
+            JobsCommand::Verify { id, round, client } => {
+                jobs::verify(&Api::new(&client)?, &id, round).await
+            }
+        },
+        Command::Model { command } => match command {
+            ModelCommand::Get { key, out, client } => {
+                jobs::model_get(&Api::new(&client)?, &key, &out).await
+            }
+        },
         Command::Status(args) => status(&Api::new(&args)?).await,
         Command::Health { ready, client } => health(&Api::new(&client)?, ready).await,
         Command::Peers(args) => peers(&Api::new(&args)?).await,

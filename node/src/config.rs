@@ -46,6 +46,14 @@ pub struct NodeConfig {
     pub cluster_key_file: Option<PathBuf>,
     /// Key holders to wait for before founding a cluster together.
     pub bootstrap_expect: Option<usize>,
+    /// Private training data (CSV).
+    pub data: Option<PathBuf>,
+    /// Held-out data to score aggregated models on (CSV).
+    pub eval_data: Option<PathBuf>,
+    /// External trainer command line.
+    pub trainer_cmd: Option<String>,
+    /// Red-team mode: the attack this node's updates carry (testing only).
+    pub byzantine: Option<crate::jobs::RedTeam>,
     /// Raft tuning.
     pub raft: ClusterConfig,
 }
@@ -100,6 +108,10 @@ struct FileConfig {
     join: Option<String>,
     cluster_key_file: Option<PathBuf>,
     bootstrap_expect: Option<usize>,
+    data: Option<PathBuf>,
+    eval_data: Option<PathBuf>,
+    trainer_cmd: Option<String>,
+    byzantine: Option<String>,
     raft: Option<ClusterConfig>,
 }
 
@@ -151,6 +163,17 @@ impl NodeConfig {
             join: args.join.clone().or(file.join),
             cluster_key_file: args.cluster_key_file.clone().or(file.cluster_key_file),
             bootstrap_expect: args.bootstrap_expect.or(file.bootstrap_expect),
+            data: args.data.clone().or(file.data),
+            eval_data: args.eval_data.clone().or(file.eval_data),
+            trainer_cmd: args.trainer_cmd.clone().or(file.trainer_cmd),
+            byzantine: match args.byzantine.clone().or(file.byzantine) {
+                Some(name) => Some(name.parse().map_err(|reason| ConfigError::Value {
+                    key: "byzantine",
+                    value: name.clone(),
+                    reason,
+                })?),
+                None => None,
+            },
             raft: raft_config(args, file.raft.unwrap_or_default()),
         };
         config.validate()?;
@@ -175,6 +198,12 @@ impl NodeConfig {
         self.raft
             .validate()
             .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        if self.data.is_none() && (self.trainer_cmd.is_some() || self.byzantine.is_some()) {
+            return Err(ConfigError::Invalid(
+                "--trainer-cmd and --byzantine need --data: they change how this node trains"
+                    .into(),
+            ));
+        }
         if let Some(n) = self.bootstrap_expect {
             if self.cluster_key_file.is_none() {
                 return Err(ConfigError::Invalid(

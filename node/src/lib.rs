@@ -7,6 +7,7 @@
 //! - [`network`]: the swarm task and its [`network::NetworkHandle`].
 //! - [`blobs`]: local store, fetcher, server.
 //! - [`api`]: the HTTP API.
+//! - [`jobs`]: federated training jobs (worker, coordinator, verification).
 //! - [`node`]: start-up, readiness, shutdown.
 
 pub mod api;
@@ -14,7 +15,9 @@ pub mod blobs;
 pub mod cli;
 pub mod client;
 pub mod config;
+pub mod demo;
 pub mod identity;
+pub mod jobs;
 pub mod metrics;
 pub mod network;
 pub mod node;

@@ -114,6 +114,11 @@ pub enum NodeEvent {
         /// Its peer id.
         leader_peer_id: Option<String>,
     },
+    /// A training job changed (a round ended, or the job's state).
+    Job {
+        /// The job, as `GET /v1/jobs` shows it.
+        job: serde_json::Value,
+    },
     /// A valid gossip message arrived on a subscribed topic.
     Gossip {
         /// Topic.

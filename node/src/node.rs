@@ -6,12 +6,14 @@ use crate::{
     blobs::{self, BlobStore, Fetcher},
     config::NodeConfig,
     identity,
+    jobs::{Jobs, Training},
     metrics::Metrics,
     network::{self, NetworkParams, INBOUND_BLOB_QUEUE, INBOUND_RAFT_QUEUE},
     peers::PeerStore,
     raft::{self as raft_glue, Entry, MeshTransport},
 };
 use agentmesh_consensus::{Cluster, Identity};
+use agentmesh_federated::{Dataset, ExternalTrainer};
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::json;
 use std::{path::Path, sync::Arc, time::Duration};
@@ -109,7 +111,7 @@ pub async fn run(config: NodeConfig) -> Result<()> {
         &config.data_dir.join("raft"),
         Identity {
             peer_id: peer_id.to_string(),
-            signing_key,
+            signing_key: signing_key.clone(),
             name: config.name.clone(),
             addrs: listen_addrs.clone(),
             cluster_key,
@@ -157,6 +159,27 @@ pub async fn run(config: NodeConfig) -> Result<()> {
         });
     }
 
+    let training = load_training(&config)?;
+    let eval = match &config.eval_data {
+        Some(path) => Some(
+            Dataset::from_csv_path(path, None)
+                .with_context(|| format!("loading --eval-data {}", path.display()))?,
+        ),
+        None => None,
+    };
+    let jobs = Jobs::start(
+        cluster.clone(),
+        net.clone(),
+        store.clone(),
+        fetcher.clone(),
+        events.clone(),
+        signing_key.clone(),
+        training,
+        eval,
+    )
+    .await
+    .context("starting the job service")?;
+
     let listener = tokio::net::TcpListener::bind(config.api)
         .await
         .with_context(|| format!("binding the API to {}", config.api))?;
@@ -169,6 +192,7 @@ pub async fn run(config: NodeConfig) -> Result<()> {
         events,
         readiness: readiness.clone(),
         cluster: cluster.clone(),
+        jobs,
         api_key,
         name: config.name.clone(),
         expects_peers: !config.bootstrap.is_empty(),
@@ -271,4 +295,43 @@ fn load_cluster_key(path: &std::path::Path) -> Result<agentmesh_consensus::Clust
         }
     }
     Ok(key)
+}
+
+/// Loads this node's private training data and trainer, if it has any.
+fn load_training(config: &NodeConfig) -> Result<Option<Training>> {
+    let Some(path) = &config.data else {
+        return Ok(None);
+    };
+    let data = Dataset::from_csv_path(path, None)
+        .with_context(|| format!("loading --data {}", path.display()))?;
+    if data.is_empty() {
+        bail!("--data {} holds no examples", path.display());
+    }
+    let external = match &config.trainer_cmd {
+        Some(cmd) => {
+            let mut words = cmd.split_whitespace().map(str::to_string);
+            let program = words
+                .next()
+                .context("--trainer-cmd is empty: give a program and its arguments")?;
+            // The round deadline bounds training too; this is the trainer's own ceiling.
+            Some(ExternalTrainer::new(
+                program,
+                words.collect(),
+                Duration::from_secs(3600),
+            ))
+        }
+        None => None,
+    };
+    if config.byzantine.is_some() {
+        tracing::warn!(
+            attack = ?config.byzantine,
+            "RED-TEAM MODE: this node sends malicious updates (a testing feature)"
+        );
+    }
+    tracing::info!(path = %path.display(), examples = data.len(), features = data.num_features(), "training data loaded");
+    Ok(Some(Training {
+        data,
+        external,
+        red_team: config.byzantine,
+    }))
 }

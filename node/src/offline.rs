@@ -5,7 +5,7 @@ use crate::cli::{AggregateArgs, DatasetCommand, SimulateArgs, SplitArgs};
 use agentmesh_federated::{
     decode_params, digits_report, encode_params, partition, read_npy, validate, write_npy,
     write_shards, Aggregator, Architecture, CheckpointError, Content, Dataset, NpyError, Partition,
-    ReportConfig, Update, MAX_MODEL_FILE_SIZE,
+    ReportConfig, Standardizer, Update, MAX_MODEL_FILE_SIZE,
 };
 use anyhow::{bail, Context, Result};
 use serde_json::json;
@@ -31,7 +31,12 @@ fn split(args: &SplitArgs) -> Result<()> {
     if !(0.0..1.0).contains(&args.test_fraction) {
         bail!("--test-fraction must be in [0, 1)");
     }
-    let (train, test) = data.split(args.test_fraction, args.seed)?;
+    let (mut train, mut test) = data.split(args.test_fraction, args.seed)?;
+    // One scale for every shard (the training split's mean and deviation): nodes train one
+    // model, so they must see features the same way.
+    let scaler = Standardizer::fit(&train);
+    scaler.apply(&mut train)?;
+    scaler.apply(&mut test)?;
     let how = match args.alpha {
         Some(a) if a > 0.0 && a.is_finite() => Partition::dirichlet(a),
         Some(a) => bail!("--alpha must be a positive number, not {a}"),
@@ -283,6 +288,37 @@ pub fn simulate(args: &SimulateArgs) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         println!("{}", report.to_markdown());
+    }
+    Ok(())
+}
+
+/// Runs `agentmesh evaluate`: a model file's loss and accuracy on a CSV.
+pub fn evaluate(args: &crate::cli::EvaluateArgs) -> Result<()> {
+    let model = agentmesh_federated::Model::load(&args.model)
+        .with_context(|| format!("loading the model {}", args.model.display()))?;
+    let data = Dataset::from_csv_path(&args.csv, Some(model.architecture().classes()))
+        .with_context(|| format!("loading {}", args.csv.display()))?;
+    if data.num_features() != model.architecture().inputs() {
+        bail!(
+            "{} has {} features, the model takes {}",
+            args.csv.display(),
+            data.num_features(),
+            model.architecture().inputs()
+        );
+    }
+    let e = model.evaluate(&data)?;
+    if args.json {
+        println!(
+            "{}",
+            json!({ "examples": data.len(), "loss": e.loss, "accuracy": e.accuracy })
+        );
+    } else {
+        println!(
+            "{} examples: loss {:.4}, accuracy {:.2}%",
+            data.len(),
+            e.loss,
+            e.accuracy * 100.0
+        );
     }
     Ok(())
 }

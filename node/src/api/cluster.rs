@@ -57,7 +57,27 @@ pub(super) fn routes() -> Router<Shared> {
 }
 
 async fn cluster(State(s): State<Shared>) -> Json<Value> {
-    Json(serde_json::to_value(s.cluster.status()).unwrap_or_default())
+    let mut v = serde_json::to_value(s.cluster.status()).unwrap_or_default();
+    // Nodes that can train, and on what (registered by nodes started with --data).
+    let trainers = s
+        .cluster
+        .read(|st| {
+            st.trainers
+                .iter()
+                .map(|(id, t)| {
+                    json!({
+                        "node_id": agentmesh_consensus::fmt_node_id(*id),
+                        "features": t.features,
+                        "classes": t.classes,
+                        "examples": t.examples,
+                        "kind": t.kind,
+                    })
+                })
+                .collect::<Vec<_>>()
+        })
+        .unwrap_or_default();
+    v["trainers"] = Value::Array(trainers);
+    Json(v)
 }
 
 async fn json_body<T: for<'de> Deserialize<'de>>(body: Body, limit: usize) -> Result<T, ApiError> {

@@ -1,0 +1,562 @@
+//! Federated training jobs across the mesh.
+//!
+//! The job and every round's start and result live in the Raft state (`consensus/src/jobs.rs`);
+//! model weights and updates travel as blobs; update announcements go by gossipsub on
+//! [`JOBS_TOPIC`]. Every node runs:
+//! - a **worker** (`worker.rs`, nodes started with `--data`): when a round names it, fetch the
+//!   base model, train on the private data, clip, sign, store the update blob and announce it;
+//! - a **coordinator** (`coordinator.rs`), active only on the Raft leader: open rounds, check
+//!   announced updates (signature, round, base model, shape, finite values; one per participant),
+//!   close the round when all are in or at its deadline, aggregate robustly (`round.rs`), add
+//!   central DP noise from a seed drawn after the updates are fixed, and commit the result;
+//! - a listener that files announcements into the [`Inbox`] and turns state changes into
+//!   `/v1/events` job events.
+//!
+//! `job verify` (`verify` below) recomputes committed rounds from the signed update blobs.
+
+mod announce;
+mod coordinator;
+mod round;
+mod spec;
+mod worker;
+
+pub use announce::{
+    fuzz_decode as fuzz_decode_announcement, sign as sign_update, Announcement, AnnouncementError,
+    JOBS_TOPIC, MAX_ANNOUNCEMENT_SIZE,
+};
+pub use spec::{JobSpec, PrivacySpec, MAX_ROUND_TIMEOUT_SECS};
+pub use worker::{RedTeam, Training};
+
+use crate::{
+    blobs::{BlobStore, Fetcher},
+    network::{NetworkHandle, NodeEvent},
+};
+use agentmesh_consensus::{
+    fmt_node_id, Cluster, ClusterError, JobCommand, JobRecord, JobState, NodeId, RoundRecord,
+};
+use agentmesh_federated::{Dataset, Model};
+use agentmesh_protocols::blob::BlobHash;
+use serde::Serialize;
+use serde_json::{json, Value};
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+use tokio::sync::broadcast;
+
+/// Announcements kept per job (older rounds are dropped first).
+const INBOX_PER_JOB: usize = 4096;
+/// Longest wait for a blob fetch from the mesh before giving up on it.
+const FETCH_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Why a job operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    /// The request is invalid.
+    #[error("{0}")]
+    Invalid(String),
+    /// No such job.
+    #[error("no job {0}")]
+    NotFound(String),
+    /// Cluster state could not be changed or read.
+    #[error(transparent)]
+    Cluster(#[from] ClusterError),
+    /// A blob could not be stored or fetched.
+    #[error("blob: {0}")]
+    Blob(String),
+}
+
+/// An announcement as received, with the peer that published it.
+#[derive(Debug, Clone)]
+pub struct Received {
+    /// The announcement.
+    pub announcement: Announcement,
+    /// When it arrived here (unix ms).
+    pub at_ms: u64,
+}
+
+/// Announcements received, by job, in arrival order.
+#[derive(Default)]
+pub struct Inbox {
+    jobs: HashMap<String, Vec<Received>>,
+}
+
+impl Inbox {
+    fn push(&mut self, r: Received) {
+        let list = self.jobs.entry(r.announcement.job_id.clone()).or_default();
+        if list.len() >= INBOX_PER_JOB {
+            // Keep the newest rounds: drop the oldest entry.
+            list.remove(0);
+        }
+        list.push(r);
+    }
+
+    fn for_job(&self, job_id: &str) -> Vec<Received> {
+        self.jobs.get(job_id).cloned().unwrap_or_default()
+    }
+
+    fn retain_jobs(&mut self, keep: impl Fn(&str) -> bool) {
+        self.jobs.retain(|k, _| keep(k));
+    }
+}
+
+/// What the job tasks share.
+pub struct Ctx {
+    cluster: Cluster,
+    net: NetworkHandle,
+    store: Arc<BlobStore>,
+    fetcher: Arc<Fetcher>,
+    events: broadcast::Sender<NodeEvent>,
+    signing_key: ed25519_dalek::SigningKey,
+    node_id: NodeId,
+    inbox: Mutex<Inbox>,
+    eval: Option<Dataset>,
+}
+
+/// The job service of one node.
+#[derive(Clone)]
+pub struct Jobs {
+    ctx: Arc<Ctx>,
+}
+
+impl Jobs {
+    /// Starts the listener, the coordinator and, with `training`, the worker.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn start(
+        cluster: Cluster,
+        net: NetworkHandle,
+        store: Arc<BlobStore>,
+        fetcher: Arc<Fetcher>,
+        events: broadcast::Sender<NodeEvent>,
+        signing_key: ed25519_dalek::SigningKey,
+        training: Option<Training>,
+        eval: Option<Dataset>,
+    ) -> Result<Self, JobError> {
+        net.subscribe(JOBS_TOPIC.to_string())
+            .await
+            .map_err(|e| JobError::Invalid(e.to_string()))?;
+        let ctx = Arc::new(Ctx {
+            node_id: cluster.node_id(),
+            cluster,
+            net,
+            store,
+            fetcher,
+            events,
+            signing_key,
+            inbox: Mutex::new(Inbox::default()),
+            eval,
+        });
+        tokio::spawn(listen(ctx.clone()));
+        tokio::spawn(coordinator::run(ctx.clone()));
+        if let Some(t) = training {
+            tokio::spawn(worker::run(ctx.clone(), t));
+        }
+        Ok(Self { ctx })
+    }
+
+    /// Takes a submission: checks it, makes (or checks) the initial model, commits the job.
+    pub async fn submit(&self, spec_json: &str) -> Result<Value, JobError> {
+        let mut spec = JobSpec::parse(spec_json).map_err(JobError::Invalid)?;
+        let arch = spec.architecture().map_err(JobError::Invalid)?;
+        let id = hex::encode(rand::random::<[u8; 8]>());
+        let seed = *spec
+            .seed
+            .get_or_insert_with(|| u64::from_str_radix(&id[..16], 16).unwrap_or(0));
+        let model_hash = match &spec.initial_model {
+            Some(hash) => {
+                let bytes = self.ctx.get_blob(hash).await?;
+                let model = Model::from_safetensors(&bytes)
+                    .map_err(|e| JobError::Invalid(format!("initial_model: {e}")))?;
+                if model.architecture() != &arch {
+                    return Err(JobError::Invalid(format!(
+                        "initial_model is a {:?}, the job asks for a {arch:?}",
+                        model.architecture()
+                    )));
+                }
+                hash.clone()
+            }
+            None => {
+                let model = Model::new(arch, seed).map_err(|e| JobError::Invalid(e.to_string()))?;
+                let bytes = model
+                    .to_safetensors()
+                    .map_err(|e| JobError::Invalid(e.to_string()))?;
+                self.ctx.put_blob(bytes).await?
+            }
+        };
+        let spec_text =
+            serde_json::to_string(&spec).map_err(|e| JobError::Invalid(e.to_string()))?;
+        let record = JobRecord {
+            id: id.clone(),
+            spec: spec_text,
+            submitted_at: unix_now_ms() / 1000,
+            submitted_by: self.ctx.node_id,
+            state: JobState::Running,
+            rounds: spec.rounds,
+            rounds_done: 0,
+            model_hash: Some(model_hash),
+            current: None,
+            history: vec![],
+            failed_attempts: 0,
+            message: None,
+        };
+        self.ctx
+            .cluster
+            .job_write(JobCommand::Submit(record.clone()))
+            .await?;
+        Ok(job_view(&record, true))
+    }
+
+    /// All jobs, newest first, without round history.
+    pub fn list(&self) -> Result<Vec<Value>, JobError> {
+        let mut jobs = self
+            .ctx
+            .cluster
+            .read(|s| s.jobs.values().cloned().collect::<Vec<_>>())?;
+        jobs.sort_by(|a, b| b.submitted_at.cmp(&a.submitted_at).then(a.id.cmp(&b.id)));
+        Ok(jobs.iter().map(|j| job_view(j, false)).collect())
+    }
+
+    /// One job, with its history.
+    pub fn get(&self, id: &str) -> Result<Value, JobError> {
+        Ok(job_view(&self.record(id)?, true))
+    }
+
+    fn record(&self, id: &str) -> Result<JobRecord, JobError> {
+        self.ctx
+            .cluster
+            .read(|s| s.jobs.get(id).cloned())?
+            .ok_or_else(|| JobError::NotFound(id.to_string()))
+    }
+
+    /// Cancels a running job.
+    pub async fn cancel(&self, id: &str) -> Result<Value, JobError> {
+        self.record(id)?;
+        self.ctx
+            .cluster
+            .job_write(JobCommand::Cancel {
+                job_id: id.to_string(),
+            })
+            .await?;
+        self.get(id)
+    }
+
+    /// The bytes of a model (or any blob) by hash, fetched from the mesh if needed.
+    pub async fn model_bytes(&self, hash: &str) -> Result<Vec<u8>, JobError> {
+        self.ctx.get_blob(hash).await
+    }
+
+    /// Recomputes committed rounds (all, or just `round`) from the signed update blobs and
+    /// compares the model hashes.
+    pub async fn verify(&self, id: &str, round: Option<u32>) -> Result<Value, JobError> {
+        let job = self.record(id)?;
+        let spec = JobSpec::parse(&job.spec).map_err(JobError::Invalid)?;
+        let keys: BTreeMap<NodeId, Vec<u8>> = self.ctx.cluster.read(|s| {
+            s.members
+                .values()
+                .map(|m| (m.node_id, m.public_key.clone()))
+                .collect()
+        })?;
+        let records: Vec<&RoundRecord> = job
+            .history
+            .iter()
+            .filter(|r| r.model_hash.is_some() && round.is_none_or(|n| r.round == n))
+            .collect();
+        if records.is_empty() {
+            return Err(JobError::Invalid(match round {
+                Some(n) => format!("job {id} has no completed round {n}"),
+                None => format!("job {id} has no completed rounds"),
+            }));
+        }
+        let mut results = Vec::new();
+        let mut all_ok = true;
+        for r in records {
+            let outcome = self.verify_round(id, &spec, &keys, r).await;
+            let (recomputed, error) = match outcome {
+                Ok(h) => (Some(h), None),
+                Err(e) => (None, Some(e)),
+            };
+            let ok = recomputed.is_some() && recomputed == r.model_hash;
+            all_ok &= ok;
+            results.push(json!({
+                "round": r.round,
+                "model_hash": r.model_hash,
+                "recomputed": recomputed,
+                "updates": r.updates.len(),
+                "ok": ok,
+                "error": error,
+            }));
+        }
+        Ok(json!({ "job_id": id, "ok": all_ok, "rounds": results }))
+    }
+
+    async fn verify_round(
+        &self,
+        job_id: &str,
+        spec: &JobSpec,
+        keys: &BTreeMap<NodeId, Vec<u8>>,
+        r: &RoundRecord,
+    ) -> Result<String, String> {
+        let base_bytes = self
+            .ctx
+            .get_blob(&r.base_model)
+            .await
+            .map_err(|e| format!("base model: {e}"))?;
+        let base = Model::from_safetensors(&base_bytes).map_err(|e| format!("base model: {e}"))?;
+        let mut updates = Vec::with_capacity(r.updates.len());
+        for u in &r.updates {
+            let key = keys
+                .get(&u.node_id)
+                .ok_or_else(|| format!("{} is not a member", fmt_node_id(u.node_id)))?;
+            announce::verify_signature(
+                key,
+                &u.signature,
+                job_id,
+                r.round,
+                &r.base_model,
+                &u.update_hash,
+                u.examples,
+            )
+            .map_err(|e| format!("update of {}: {e}", fmt_node_id(u.node_id)))?;
+            let delta = self
+                .ctx
+                .load_update(&u.update_hash, base.architecture())
+                .await
+                .map_err(|e| format!("update of {}: {e}", fmt_node_id(u.node_id)))?;
+            updates.push((delta, u.examples));
+        }
+        let seed = match &r.noise_seed {
+            Some(s) => Some(parse_seed(s).ok_or("malformed noise seed")?),
+            None => None,
+        };
+        let out = round::aggregate(spec, &base, &updates, seed)?;
+        let bytes = out.model.to_safetensors().map_err(|e| e.to_string())?;
+        Ok(BlobHash::of(&bytes).to_string())
+    }
+}
+
+impl Ctx {
+    /// Stores bytes as a blob and announces it; returns its hash.
+    async fn put_blob(&self, bytes: Vec<u8>) -> Result<String, JobError> {
+        let body =
+            futures::stream::iter([Ok::<_, std::convert::Infallible>(bytes::Bytes::from(bytes))]);
+        let put = self
+            .store
+            .put(body)
+            .await
+            .map_err(|e| JobError::Blob(e.to_string()))?;
+        let hash: BlobHash =
+            put.hash
+                .parse()
+                .map_err(|e: agentmesh_protocols::blob::ParseHashError| {
+                    JobError::Blob(e.to_string())
+                })?;
+        self.net
+            .start_providing(hash)
+            .await
+            .map_err(|e| JobError::Blob(e.to_string()))?;
+        Ok(put.hash)
+    }
+
+    /// A blob's bytes, fetched from the mesh if not held here. Only for model-sized blobs.
+    async fn get_blob(&self, hash: &str) -> Result<Vec<u8>, JobError> {
+        let h: BlobHash =
+            hash.parse()
+                .map_err(|e: agentmesh_protocols::blob::ParseHashError| {
+                    JobError::Invalid(e.to_string())
+                })?;
+        tokio::time::timeout(FETCH_TIMEOUT, self.fetcher.fetch(h))
+            .await
+            .map_err(|_| JobError::Blob(format!("{hash}: not fetched within {FETCH_TIMEOUT:?}")))?
+            .map_err(|e| JobError::Blob(e.to_string()))?;
+        let path = self.store.path(&h);
+        let len = tokio::fs::metadata(&path)
+            .await
+            .map_err(|e| JobError::Blob(format!("{hash}: {e}")))?
+            .len();
+        if len > agentmesh_federated::MAX_MODEL_FILE_SIZE as u64 {
+            return Err(JobError::Blob(format!(
+                "{hash}: {len} bytes is larger than any model"
+            )));
+        }
+        tokio::fs::read(&path)
+            .await
+            .map_err(|e| JobError::Blob(format!("{hash}: {e}")))
+    }
+
+    /// Fetches and decodes an update for `arch`, refusing one of the wrong size or content.
+    async fn load_update(
+        &self,
+        hash: &str,
+        arch: &agentmesh_federated::Architecture,
+    ) -> Result<Vec<f32>, String> {
+        let bytes = self.get_blob(hash).await.map_err(|e| e.to_string())?;
+        let (found, params, content) =
+            agentmesh_federated::decode_params(&bytes).map_err(|e| e.to_string())?;
+        if content != agentmesh_federated::Content::Update {
+            return Err("the blob is a model, not an update".into());
+        }
+        if &found != arch {
+            return Err(format!(
+                "update is for a {found:?}, the job trains a {arch:?}"
+            ));
+        }
+        Ok(params)
+    }
+}
+
+/// Files gossip announcements into the inbox and turns job state changes into events.
+async fn listen(ctx: Arc<Ctx>) {
+    let mut events = ctx.events.subscribe();
+    let mut applied = ctx.cluster.applied_watch();
+    let mut seen: HashMap<String, (JobState, usize)> = HashMap::new();
+    loop {
+        tokio::select! {
+            ev = events.recv() => match ev {
+                Ok(NodeEvent::Gossip { topic, data, from, .. }) if topic == JOBS_TOPIC => {
+                    match Announcement::decode(&data) {
+                        Ok(a) => ctx.file(a),
+                        Err(e) => tracing::debug!(%from, error = %e, "dropping a job announcement"),
+                    }
+                }
+                Ok(_) => {}
+                Err(broadcast::error::RecvError::Lagged(n)) => {
+                    tracing::warn!(missed = n, "job listener lagged behind node events");
+                }
+                Err(broadcast::error::RecvError::Closed) => return,
+            },
+            changed = applied.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                let jobs = match ctx.cluster.read(|s| s.jobs.clone()) {
+                    Ok(j) => j,
+                    Err(_) => continue,
+                };
+                for (id, job) in &jobs {
+                    let now = (job.state, job.history.len());
+                    if seen.get(id) != Some(&now) {
+                        seen.insert(id.clone(), now);
+                        let _ = ctx.events.send(NodeEvent::Job { job: job_view(job, false) });
+                    }
+                }
+                if let Ok(mut inbox) = ctx.inbox.lock() {
+                    inbox.retain_jobs(|id| jobs.get(id).is_some_and(|j| !j.state.is_final()));
+                }
+            }
+        }
+    }
+}
+
+impl Ctx {
+    /// Files an announcement (from gossip, or our own: gossipsub does not deliver a node's
+    /// own messages back to it).
+    fn file(&self, announcement: Announcement) {
+        if let Ok(mut inbox) = self.inbox.lock() {
+            inbox.push(Received {
+                announcement,
+                at_ms: unix_now_ms(),
+            });
+        }
+    }
+}
+
+fn parse_seed(s: &str) -> Option<[u8; 32]> {
+    hex::decode(s).ok()?.try_into().ok()
+}
+
+fn unix_now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+#[derive(Serialize)]
+struct RoundView<'a> {
+    round: u32,
+    attempt: u32,
+    participants: usize,
+    used: usize,
+    rejected: usize,
+    loss: Option<f64>,
+    accuracy: Option<f64>,
+    train_loss: Option<f64>,
+    epsilon: Option<f64>,
+    secs: f64,
+    model_hash: &'a Option<String>,
+    noise_seed: &'a Option<String>,
+    failed: &'a Option<String>,
+    selected: Vec<String>,
+    updates: Vec<Value>,
+    rejected_updates: Vec<Value>,
+}
+
+/// The JSON view of a job (`GET /v1/jobs/{id}`).
+pub fn job_view(job: &JobRecord, history: bool) -> Value {
+    let spec: Value = serde_json::from_str(&job.spec).unwrap_or(Value::Null);
+    let rounds: Vec<Value> = job
+        .history
+        .iter()
+        .map(|r| {
+            serde_json::to_value(RoundView {
+                round: r.round,
+                attempt: r.attempt,
+                participants: r.participants.len(),
+                used: r.updates.len(),
+                rejected: r.rejected.len(),
+                loss: r.loss,
+                accuracy: r.accuracy,
+                train_loss: r.train_loss,
+                epsilon: r.epsilon,
+                secs: r.secs,
+                model_hash: &r.model_hash,
+                noise_seed: &r.noise_seed,
+                failed: &r.failed,
+                selected: r.selected.iter().map(|n| fmt_node_id(*n)).collect(),
+                updates: r
+                    .updates
+                    .iter()
+                    .map(|u| {
+                        json!({
+                            "node_id": fmt_node_id(u.node_id),
+                            "update_hash": u.update_hash,
+                            "examples": u.examples,
+                            "signature": hex::encode(&u.signature),
+                        })
+                    })
+                    .collect(),
+                rejected_updates: r
+                    .rejected
+                    .iter()
+                    .map(|x| json!({ "node_id": fmt_node_id(x.node_id), "reason": x.reason }))
+                    .collect(),
+            })
+            .unwrap_or(Value::Null)
+        })
+        .collect();
+    let last = rounds.iter().rev().find(|r| r["failed"].is_null()).cloned();
+    let mut v = json!({
+        "id": job.id,
+        "state": job.state,
+        "rounds_done": job.rounds_done,
+        "rounds": job.rounds,
+        "model_hash": job.model_hash,
+        "aggregator": spec.get("aggregator"),
+        "submitted_at": job.submitted_at,
+        "message": job.message,
+        "current": job.current.as_ref().map(|c| json!({
+            "round": c.round,
+            "attempt": c.attempt,
+            "participants": c.participants.iter().map(|n| fmt_node_id(*n)).collect::<Vec<_>>(),
+            "started_at_ms": c.started_at_ms,
+            "deadline_ms": c.deadline_ms,
+        })),
+        "last_round": last,
+    });
+    if history {
+        v["spec"] = spec;
+        v["history"] = Value::Array(rounds);
+    }
+    v
+}

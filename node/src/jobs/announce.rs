@@ -1,0 +1,223 @@
+//! Update announcements: what a participant publishes on gossipsub once its update blob is
+//! stored. JSON (small, and easy for other implementations and tests to produce), decoded with
+//! a size limit; the signature binds job, round, base model, update and example count to the
+//! participant's identity key.
+
+use agentmesh_consensus::NodeId;
+use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
+use serde::{Deserialize, Serialize};
+
+/// The gossipsub topic every node subscribes to for update announcements.
+pub const JOBS_TOPIC: &str = "agentmesh.jobs.v1";
+/// Largest announcement accepted, in bytes.
+pub const MAX_ANNOUNCEMENT_SIZE: usize = 4096;
+/// Version written in every announcement.
+pub(super) const ANNOUNCEMENT_VERSION: u32 = 1;
+/// Domain separation for update signatures.
+const SIGNING_DOMAIN: &[u8] = b"agentmesh/update/v1\0";
+
+/// A participant's signed claim: "for this job and round, from this base model, my update is
+/// the blob with this hash, trained on this many examples".
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Announcement {
+    /// Format version.
+    pub v: u32,
+    /// Job id.
+    pub job_id: String,
+    /// Round number.
+    pub round: u32,
+    /// Hash of the model the update was trained from.
+    pub base_model: String,
+    /// Hash of the update blob (safetensors, content `update`).
+    pub update_hash: String,
+    /// Examples trained on (the FedAvg weight).
+    pub examples: u64,
+    /// The participant's Raft node id.
+    pub node_id: NodeId,
+    /// Mean training loss it saw (informational, not signed).
+    pub train_loss: Option<f64>,
+    /// Ed25519 signature, hex.
+    pub signature: String,
+}
+
+/// Why an announcement was refused.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum AnnouncementError {
+    /// Too large to decode.
+    #[error("announcement of {0} bytes exceeds {MAX_ANNOUNCEMENT_SIZE}")]
+    TooLarge(usize),
+    /// Not an announcement.
+    #[error("malformed announcement: {0}")]
+    Malformed(String),
+    /// A version this node does not speak.
+    #[error("announcement version {0} is not supported")]
+    Version(u32),
+    /// The signature does not verify with the member's key.
+    #[error("bad signature")]
+    BadSignature,
+}
+
+/// The bytes a participant signs.
+pub(super) fn signed_bytes(
+    job_id: &str,
+    round: u32,
+    base_model: &str,
+    update_hash: &str,
+    examples: u64,
+) -> Vec<u8> {
+    let mut m = SIGNING_DOMAIN.to_vec();
+    for part in [job_id, base_model, update_hash] {
+        m.extend_from_slice(&(part.len() as u32).to_be_bytes());
+        m.extend_from_slice(part.as_bytes());
+    }
+    m.extend_from_slice(&round.to_be_bytes());
+    m.extend_from_slice(&examples.to_be_bytes());
+    m
+}
+
+/// Signs an update with the node's identity key; returns the signature bytes.
+pub fn sign(
+    key: &SigningKey,
+    job_id: &str,
+    round: u32,
+    base_model: &str,
+    update_hash: &str,
+    examples: u64,
+) -> Vec<u8> {
+    key.sign(&signed_bytes(
+        job_id,
+        round,
+        base_model,
+        update_hash,
+        examples,
+    ))
+    .to_bytes()
+    .to_vec()
+}
+
+/// Checks a signature made by [`sign`] against a member's public key.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn verify_signature(
+    public_key: &[u8],
+    signature: &[u8],
+    job_id: &str,
+    round: u32,
+    base_model: &str,
+    update_hash: &str,
+    examples: u64,
+) -> Result<(), AnnouncementError> {
+    let key: [u8; 32] = public_key
+        .try_into()
+        .map_err(|_| AnnouncementError::BadSignature)?;
+    let key = VerifyingKey::from_bytes(&key).map_err(|_| AnnouncementError::BadSignature)?;
+    let sig = Signature::from_slice(signature).map_err(|_| AnnouncementError::BadSignature)?;
+    key.verify(
+        &signed_bytes(job_id, round, base_model, update_hash, examples),
+        &sig,
+    )
+    .map_err(|_| AnnouncementError::BadSignature)
+}
+
+impl Announcement {
+    /// Decodes an announcement from gossip, refusing oversized or malformed ones.
+    pub fn decode(bytes: &[u8]) -> Result<Self, AnnouncementError> {
+        if bytes.len() > MAX_ANNOUNCEMENT_SIZE {
+            return Err(AnnouncementError::TooLarge(bytes.len()));
+        }
+        let a: Self = serde_json::from_slice(bytes)
+            .map_err(|e| AnnouncementError::Malformed(e.to_string()))?;
+        if a.v != ANNOUNCEMENT_VERSION {
+            return Err(AnnouncementError::Version(a.v));
+        }
+        Ok(a)
+    }
+
+    /// Encodes for gossip.
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    /// The signature bytes (empty if not hex).
+    pub fn signature_bytes(&self) -> Vec<u8> {
+        hex::decode(&self.signature).unwrap_or_default()
+    }
+
+    /// Checks the signature against the member's public key.
+    pub fn verify(&self, public_key: &[u8]) -> Result<(), AnnouncementError> {
+        verify_signature(
+            public_key,
+            &self.signature_bytes(),
+            &self.job_id,
+            self.round,
+            &self.base_model,
+            &self.update_hash,
+            self.examples,
+        )
+    }
+}
+
+/// Fuzzing entry point: decodes arbitrary bytes as an announcement.
+pub fn fuzz_decode(bytes: &[u8]) {
+    let _ = Announcement::decode(bytes);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn announcement(key: &SigningKey) -> Announcement {
+        let sig = sign(key, "job", 3, "base", "upd", 100);
+        Announcement {
+            v: 1,
+            job_id: "job".into(),
+            round: 3,
+            base_model: "base".into(),
+            update_hash: "upd".into(),
+            examples: 100,
+            node_id: 7,
+            train_loss: Some(0.5),
+            signature: hex::encode(sig),
+        }
+    }
+
+    #[test]
+    fn signatures_bind_every_signed_field() {
+        let key = SigningKey::from_bytes(&[3; 32]);
+        let public = key.verifying_key().to_bytes();
+        let a = announcement(&key);
+        assert_eq!(a.verify(&public), Ok(()));
+        let decoded = Announcement::decode(&a.encode()).unwrap();
+        assert_eq!(decoded, a);
+        let mut changed = vec![a.clone(); 5];
+        changed[0].job_id = "other".into();
+        changed[1].round = 4;
+        changed[2].base_model = "b2".into();
+        changed[3].update_hash = "u2".into();
+        changed[4].examples = 1_000_000;
+        for c in changed {
+            assert_eq!(c.verify(&public), Err(AnnouncementError::BadSignature));
+        }
+        let other = SigningKey::from_bytes(&[4; 32]).verifying_key().to_bytes();
+        assert_eq!(a.verify(&other), Err(AnnouncementError::BadSignature));
+        assert_eq!(a.verify(&[1, 2]), Err(AnnouncementError::BadSignature));
+    }
+
+    #[test]
+    fn bad_bytes_are_refused() {
+        assert!(matches!(
+            Announcement::decode(&vec![b' '; MAX_ANNOUNCEMENT_SIZE + 1]),
+            Err(AnnouncementError::TooLarge(_))
+        ));
+        assert!(matches!(
+            Announcement::decode(b"{\"v\":1}"),
+            Err(AnnouncementError::Malformed(_))
+        ));
+        let mut a = announcement(&SigningKey::from_bytes(&[3; 32]));
+        a.v = 9;
+        assert_eq!(
+            Announcement::decode(&a.encode()),
+            Err(AnnouncementError::Version(9))
+        );
+    }
+}

@@ -1,0 +1,440 @@
+//! The aggregating side, run by whichever node leads Raft: open rounds, check the updates
+//! announced for them, close them on time, aggregate, commit.
+//!
+//! Everything the coordinator decides is committed before it matters, so a new leader picks up
+//! where the old one stopped: an open round is collected again from the announcements the new
+//! leader received too (every node subscribes to the jobs topic), and closed at its deadline.
+
+use super::{round, spec::JobSpec, unix_now_ms, Ctx, Received};
+use agentmesh_consensus::{
+    fmt_node_id, JobCommand, JobRecord, JobState, NodeId, RejectedUpdate, RoundRecord, RoundStart,
+    UsedUpdate,
+};
+use agentmesh_federated::Model;
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::Arc,
+    time::Duration,
+};
+use tokio::task::JoinHandle;
+
+/// How often the coordinator looks at the running jobs.
+const TICK: Duration = Duration::from_millis(200);
+
+/// Fetching and checking one update: its values, or why it was refused.
+type UpdateCheck = JoinHandle<Result<Vec<f32>, String>>;
+
+/// What the coordinator knows about one open round.
+struct Collecting {
+    round: u32,
+    attempt: u32,
+    /// Announcements looked at so far (index into the job's inbox list).
+    processed: usize,
+    /// Accepted-so-far announcements, by participant, with their update fetch.
+    pending: BTreeMap<NodeId, (UsedUpdate, Option<f64>, UpdateCheck)>,
+    /// Checked updates, by participant.
+    valid: BTreeMap<NodeId, (UsedUpdate, Option<f64>, Vec<f32>)>,
+    /// Refused announcements.
+    rejected: Vec<RejectedUpdate>,
+    /// Participants whose update was refused (they do not get a second chance this round).
+    refused: BTreeMap<NodeId, String>,
+}
+
+/// Runs forever; acts only while this node leads.
+pub(super) async fn run(ctx: Arc<Ctx>) {
+    let mut open: HashMap<String, Collecting> = HashMap::new();
+    let mut closing: HashMap<String, JoinHandle<()>> = HashMap::new();
+    loop {
+        tokio::time::sleep(TICK).await;
+        if !ctx.cluster.is_leader() {
+            open.clear();
+            continue;
+        }
+        closing.retain(|_, h| !h.is_finished());
+        let jobs: Vec<JobRecord> = match ctx.cluster.read(|s| {
+            s.jobs
+                .values()
+                .filter(|j| j.state == JobState::Running)
+                .cloned()
+                .collect()
+        }) {
+            Ok(j) => j,
+            Err(_) => continue,
+        };
+        open.retain(|id, _| jobs.iter().any(|j| &j.id == id));
+        for job in jobs {
+            if closing.contains_key(&job.id) {
+                continue;
+            }
+            let spec = match JobSpec::parse(&job.spec) {
+                Ok(s) => s,
+                Err(e) => {
+                    let _ = finish(&ctx, &job.id, JobState::Failed, format!("bad spec: {e}")).await;
+                    continue;
+                }
+            };
+            match &job.current {
+                None => {
+                    open.remove(&job.id);
+                    if let Err(e) = start_round(&ctx, &job, &spec).await {
+                        tracing::debug!(job = %job.id, error = %e, "opening a round");
+                    }
+                }
+                Some(current) => {
+                    let c = open
+                        .entry(job.id.clone())
+                        .or_insert_with(|| Collecting::new(current));
+                    if c.round != current.round || c.attempt != current.attempt {
+                        *c = Collecting::new(current);
+                    }
+                    collect(&ctx, &job.id, &spec, current, c).await;
+                    let all_in = current
+                        .participants
+                        .iter()
+                        .all(|p| c.valid.contains_key(p) || c.refused.contains_key(p));
+                    if all_in || unix_now_ms() >= current.deadline_ms {
+                        let c = open
+                            .remove(&job.id)
+                            .unwrap_or_else(|| Collecting::new(current));
+                        let (ctx, job_id, current) = (ctx.clone(), job.id.clone(), current.clone());
+                        closing.insert(
+                            job.id.clone(),
+                            tokio::spawn(async move {
+                                if let Err(e) = close_round(&ctx, &job_id, &spec, &current, c).await
+                                {
+                                    tracing::warn!(job = %job_id, error = %e, "closing a round");
+                                }
+                            }),
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl Collecting {
+    fn new(c: &RoundStart) -> Self {
+        Self {
+            round: c.round,
+            attempt: c.attempt,
+            processed: 0,
+            pending: BTreeMap::new(),
+            valid: BTreeMap::new(),
+            rejected: Vec::new(),
+            refused: BTreeMap::new(),
+        }
+    }
+}
+
+/// Opens the next round with every trainer whose data fits the job.
+async fn start_round(ctx: &Ctx, job: &JobRecord, spec: &JobSpec) -> Result<(), String> {
+    let next = job.rounds_done + 1;
+    if let Some(max) = spec.privacy.as_ref().and_then(|p| p.max_epsilon) {
+        if round::epsilon(spec, next).is_some_and(|e| e > max) {
+            let msg = format!(
+                "stopped after {} rounds: round {next} would take ε above max_epsilon {max}",
+                job.rounds_done
+            );
+            return finish(ctx, &job.id, JobState::Done, msg).await;
+        }
+    }
+    let Some(base) = job.model_hash.clone() else {
+        return finish(
+            ctx,
+            &job.id,
+            JobState::Failed,
+            "the job has no model".into(),
+        )
+        .await;
+    };
+    let participants: Vec<NodeId> = ctx
+        .cluster
+        .read(|s| {
+            s.trainers
+                .iter()
+                .filter(|(id, t)| {
+                    t.features as usize == spec.dataset_features
+                        && (t.classes as usize) <= spec.classes
+                        && s.active_members().any(|m| m.node_id == **id)
+                })
+                .map(|(id, _)| *id)
+                .collect()
+        })
+        .map_err(|e| e.to_string())?;
+    if participants.is_empty() {
+        return Err("no trainer's data fits the job yet".into());
+    }
+    let now = unix_now_ms();
+    let start = RoundStart {
+        round: next,
+        attempt: job.failed_attempts + 1,
+        base_model: base,
+        participants,
+        started_at_ms: now,
+        deadline_ms: now + spec.round_timeout_secs * 1000,
+    };
+    tracing::info!(job = %job.id, round = next, attempt = start.attempt, participants = start.participants.len(), "opening round");
+    ctx.cluster
+        .job_write(JobCommand::StartRound {
+            job_id: job.id.clone(),
+            start,
+        })
+        .await
+        .map_err(|e| e.to_string())
+}
+
+/// Looks at new announcements for the open round.
+async fn collect(
+    ctx: &Arc<Ctx>,
+    job_id: &str,
+    spec: &JobSpec,
+    current: &RoundStart,
+    c: &mut Collecting,
+) {
+    let inbox: Vec<Received> = match ctx.inbox.lock() {
+        Ok(i) => i.for_job(job_id),
+        Err(_) => return,
+    };
+    let keys: BTreeMap<NodeId, Vec<u8>> = ctx
+        .cluster
+        .read(|s| {
+            s.members
+                .values()
+                .map(|m| (m.node_id, m.public_key.clone()))
+                .collect()
+        })
+        .unwrap_or_default();
+    let arch = match spec.architecture() {
+        Ok(a) => a,
+        Err(_) => return,
+    };
+    for r in inbox.iter().skip(c.processed) {
+        let a = &r.announcement;
+        c.processed += 1;
+        let reject = |c: &mut Collecting, reason: String| {
+            tracing::info!(job = %job_id, node = %fmt_node_id(a.node_id), %reason, "update rejected");
+            c.rejected.push(RejectedUpdate {
+                node_id: a.node_id,
+                reason,
+            });
+        };
+        if a.round < current.round && r.at_ms < current.started_at_ms {
+            // Arrived before this round opened: an earlier round's business.
+            continue;
+        }
+        if a.round != current.round {
+            reject(
+                c,
+                format!("for round {}, but round {} is open", a.round, current.round),
+            );
+            continue;
+        }
+        if !current.participants.contains(&a.node_id) {
+            reject(c, "not a participant of this round".into());
+            continue;
+        }
+        let Some(key) = keys.get(&a.node_id) else {
+            reject(c, "not a member".into());
+            continue;
+        };
+        if let Err(e) = a.verify(key) {
+            reject(c, e.to_string());
+            continue;
+        }
+        if a.base_model != current.base_model {
+            reject(c, "trained from another base model".into());
+            continue;
+        }
+        if a.examples == 0 {
+            reject(c, "claims zero examples".into());
+            continue;
+        }
+        let known = c
+            .valid
+            .get(&a.node_id)
+            .map(|v| &v.0)
+            .or_else(|| c.pending.get(&a.node_id).map(|p| &p.0));
+        if let Some(u) = known {
+            if u.update_hash != a.update_hash {
+                reject(c, "a second, different update from this participant".into());
+            }
+            continue;
+        }
+        if c.refused.contains_key(&a.node_id) {
+            continue;
+        }
+        let used = UsedUpdate {
+            node_id: a.node_id,
+            update_hash: a.update_hash.clone(),
+            examples: a.examples,
+            signature: a.signature_bytes(),
+        };
+        let (fetch_ctx, hash, arch) = (ctx.clone(), a.update_hash.clone(), arch.clone());
+        let handle = tokio::spawn(async move {
+            let delta = fetch_ctx.load_update(&hash, &arch).await?;
+            if let Some(i) = delta.iter().position(|v| !v.is_finite()) {
+                return Err(format!("parameter {i} is not finite"));
+            }
+            Ok(delta)
+        });
+        c.pending.insert(a.node_id, (used, a.train_loss, handle));
+    }
+    // Harvest finished fetches.
+    let finished: Vec<NodeId> = c
+        .pending
+        .iter()
+        .filter(|(_, p)| p.2.is_finished())
+        .map(|(id, _)| *id)
+        .collect();
+    for id in finished {
+        let Some((used, loss, handle)) = c.pending.remove(&id) else {
+            continue;
+        };
+        let verdict = match handle.await {
+            Ok(v) => v,
+            Err(e) => Err(format!("checking the update: {e}")),
+        };
+        match verdict {
+            Ok(delta) => {
+                c.valid.insert(id, (used, loss, delta));
+            }
+            Err(reason) => {
+                tracing::info!(job = %job_id, node = %fmt_node_id(id), %reason, "update rejected");
+                c.rejected.push(RejectedUpdate {
+                    node_id: id,
+                    reason: reason.clone(),
+                });
+                c.refused.insert(id, reason);
+            }
+        }
+    }
+}
+
+/// Closes a round: aggregate what is valid, or fail the round visibly.
+async fn close_round(
+    ctx: &Ctx,
+    job_id: &str,
+    spec: &JobSpec,
+    current: &RoundStart,
+    mut c: Collecting,
+) -> Result<(), String> {
+    for (id, (_, _, handle)) in std::mem::take(&mut c.pending) {
+        handle.abort();
+        c.rejected.push(RejectedUpdate {
+            node_id: id,
+            reason: "update not fetched before the deadline".into(),
+        });
+    }
+    let started = current.started_at_ms;
+    let mut record = RoundRecord {
+        round: current.round,
+        attempt: current.attempt,
+        base_model: current.base_model.clone(),
+        participants: current.participants.clone(),
+        updates: c.valid.values().map(|v| v.0.clone()).collect(),
+        selected: vec![],
+        rejected: c.rejected.clone(),
+        model_hash: None,
+        noise_seed: None,
+        loss: None,
+        accuracy: None,
+        train_loss: None,
+        epsilon: None,
+        secs: 0.0,
+        failed: None,
+    };
+    let losses: Vec<(f64, u64)> = c
+        .valid
+        .values()
+        .filter_map(|v| v.1.map(|l| (l, v.0.examples)))
+        .collect();
+    let total: u64 = losses.iter().map(|l| l.1).sum();
+    if total > 0 {
+        record.train_loss =
+            Some(losses.iter().map(|(l, n)| l * *n as f64).sum::<f64>() / total as f64);
+    }
+    let min = spec.min_participants;
+    let outcome = if c.valid.len() < min {
+        Err(format!(
+            "only {} valid update(s) of the {min} needed ({} participant(s), {} rejected)",
+            c.valid.len(),
+            current.participants.len(),
+            c.rejected.len()
+        ))
+    } else {
+        aggregate(ctx, spec, current, &c, &mut record).await
+    };
+    if let Err(reason) = outcome {
+        tracing::warn!(job = %job_id, round = current.round, %reason, "round failed");
+        record.failed = Some(reason);
+        record.model_hash = None;
+    }
+    record.secs = unix_now_ms().saturating_sub(started) as f64 / 1000.0;
+    ctx.cluster
+        .job_write(JobCommand::EndRound {
+            job_id: job_id.to_string(),
+            record,
+        })
+        .await
+        .map_err(|e| e.to_string())
+}
+
+async fn aggregate(
+    ctx: &Ctx,
+    spec: &JobSpec,
+    current: &RoundStart,
+    c: &Collecting,
+    record: &mut RoundRecord,
+) -> Result<(), String> {
+    let base_bytes = ctx
+        .get_blob(&current.base_model)
+        .await
+        .map_err(|e| format!("base model: {e}"))?;
+    let base = Model::from_safetensors(&base_bytes).map_err(|e| format!("base model: {e}"))?;
+    // The seed is drawn now, after the updates are fixed, and committed with the result.
+    let seed: Option<[u8; 32]> = spec
+        .central_noise_std(c.valid.len())
+        .map(|_| rand::random());
+    let updates: Vec<(Vec<f32>, u64)> = c
+        .valid
+        .values()
+        .map(|v| (v.2.clone(), v.0.examples))
+        .collect();
+    let ids: Vec<NodeId> = c.valid.keys().copied().collect();
+    let spec2 = spec.clone();
+    let eval = ctx.eval.clone();
+    let (outcome, bytes, evaluation) = tokio::task::spawn_blocking(move || {
+        let outcome = round::aggregate(&spec2, &base, &updates, seed)?;
+        let bytes = outcome.model.to_safetensors().map_err(|e| e.to_string())?;
+        let evaluation = eval.and_then(|d| outcome.model.evaluate(&d).ok());
+        Ok::<_, String>((outcome, bytes, evaluation))
+    })
+    .await
+    .map_err(|e| format!("aggregation task: {e}"))??;
+    record.selected = outcome
+        .selected
+        .iter()
+        .filter_map(|&i| ids.get(i).copied())
+        .collect();
+    record.noise_seed = seed.map(hex::encode);
+    record.model_hash = Some(ctx.put_blob(bytes).await.map_err(|e| e.to_string())?);
+    if let Some(e) = evaluation {
+        record.loss = Some(e.loss).filter(|l| l.is_finite());
+        record.accuracy = Some(e.accuracy);
+    }
+    record.epsilon = round::epsilon(spec, current.round);
+    Ok(())
+}
+
+async fn finish(ctx: &Ctx, job_id: &str, state: JobState, message: String) -> Result<(), String> {
+    tracing::info!(job = %job_id, ?state, %message, "job ends");
+    ctx.cluster
+        .job_write(JobCommand::Finish {
+            job_id: job_id.to_string(),
+            state,
+            message,
+        })
+        .await
+        .map_err(|e| e.to_string())
+}
