@@ -39,7 +39,7 @@ pub use rpc::{fuzz_decode_request, MAX_RPC_SIZE};
 pub use state::{
     ClusterState, KvEntry, MAX_KEY_LEN, MAX_KV_BYTES, MAX_MEMBERS, MAX_NAME_LEN, MAX_VALUE_LEN,
 };
-pub use store::{Storage, MAX_SNAPSHOT_SIZE};
+pub use store::{flush_tree, Storage, MAX_SNAPSHOT_SIZE};
 pub use token::{
     JoinToken, TokenBody, TokenError, MAX_TOKEN_LEN, MAX_TOKEN_TTL_SECS, TOKEN_PREFIX,
 };

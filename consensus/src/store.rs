@@ -141,8 +141,18 @@ impl Storage {
         self.db
             .open_tree(BOOTSTRAP_TREE)?
             .insert(BOOTSTRAP_STATE, encode(state))?;
-        self.db.flush_async().await.map(|_| ())
+        flush_tree(&self.db).await
     }
+}
+
+/// Flushes on a blocking thread. Not `flush_async`: that waits on sled's own small thread pool,
+/// and enough concurrent waiters (blob puts beside Raft appends) fill the pool with threads
+/// blocked on log writes that need a pool thread to finish: a deadlock.
+pub async fn flush_tree(tree: &sled::Tree) -> Result<(), sled::Error> {
+    let tree = tree.clone();
+    tokio::task::spawn_blocking(move || tree.flush().map(|_| ()))
+        .await
+        .map_err(|e| sled::Error::ReportableBug(format!("flush task: {e}")))?
 }
 
 /// Appends waiting for the group-commit flusher; bounds how far the log runs ahead of disk.
@@ -169,11 +179,7 @@ async fn group_commit(
         while let Ok(more) = queue.try_recv() {
             waiting.push(more);
         }
-        let result = db
-            .flush_async()
-            .await
-            .map(|_| ())
-            .map_err(|e| e.to_string());
+        let result = flush_tree(&db).await.map_err(|e| e.to_string());
         for callback in waiting.drain(..) {
             callback.log_io_completed(result.clone().map_err(std::io::Error::other));
         }
@@ -189,7 +195,7 @@ impl LogStore {
     }
 
     async fn flush(&self) -> Result<(), sled::Error> {
-        self.db.flush_async().await.map(|_| ())
+        flush_tree(&self.db).await
     }
 }
 
@@ -505,8 +511,7 @@ impl StateMachineStore {
         self.snapshot
             .apply_batch(batch)
             .map_err(|e| StorageIOError::write_snapshot(signature.clone(), &e))?;
-        self.db
-            .flush_async()
+        flush_tree(&self.db)
             .await
             .map_err(|e| StorageIOError::write_snapshot(signature, &e))?;
         Ok(())

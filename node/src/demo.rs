@@ -283,7 +283,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
                 "{:<10} {:<10} {:>7} {:>10} {:>8}  {}",
                 r["aggregator"].as_str().unwrap_or("-"),
                 r["state"].as_str().unwrap_or("-"),
-                r["rounds_done"],
+                r["rounds_done"].to_string(),
                 r["accuracy"]
                     .as_f64()
                     .map_or("-".into(), |a| format!("{:.1}%", a * 100.0)),
@@ -297,10 +297,9 @@ pub async fn run(args: DemoArgs) -> Result<()> {
             "Krum keeps the one update closest to the others, so the attacker's is left out; \
              FedAvg averages it in."
         );
-        println!(
-            "Recompute any round: agentmesh job verify ID (while a node runs), or keep the \
-             cluster's files with --dir."
-        );
+        if args.dir.is_none() {
+            println!("(run with --dir DIR to keep the nodes' data, models and logs)");
+        }
     }
     drop(nodes);
     Ok(())

@@ -14,15 +14,14 @@
 //!
 //! `job verify` (`verify` below) recomputes committed rounds from the signed update blobs.
 
-mod announce;
 mod coordinator;
 mod round;
 mod spec;
 mod worker;
 
-pub use announce::{
-    fuzz_decode as fuzz_decode_announcement, sign as sign_update, Announcement, AnnouncementError,
-    JOBS_TOPIC, MAX_ANNOUNCEMENT_SIZE,
+pub use agentmesh_protocols::jobs::{
+    sign as sign_update, Announcement, AnnouncementError, ModelNotice, JOBS_TOPIC,
+    MAX_ANNOUNCEMENT_SIZE, MODELS_TOPIC,
 };
 pub use spec::{JobSpec, PrivacySpec, MAX_ROUND_TIMEOUT_SECS};
 pub use worker::{RedTeam, Training};
@@ -36,6 +35,7 @@ use agentmesh_consensus::{
 };
 use agentmesh_federated::{Dataset, Model};
 use agentmesh_protocols::blob::BlobHash;
+use agentmesh_protocols::jobs as announce;
 use serde::Serialize;
 use serde_json::{json, Value};
 use std::{
@@ -111,6 +111,8 @@ pub struct Ctx {
     signing_key: ed25519_dalek::SigningKey,
     node_id: NodeId,
     inbox: Mutex<Inbox>,
+    /// Copies other nodes confirmed, for the models this node is waiting on.
+    copies: Mutex<HashMap<String, usize>>,
     eval: Option<Dataset>,
 }
 
@@ -133,9 +135,11 @@ impl Jobs {
         training: Option<Training>,
         eval: Option<Dataset>,
     ) -> Result<Self, JobError> {
-        net.subscribe(JOBS_TOPIC.to_string())
-            .await
-            .map_err(|e| JobError::Invalid(e.to_string()))?;
+        for topic in [JOBS_TOPIC, MODELS_TOPIC] {
+            net.subscribe(topic.to_string())
+                .await
+                .map_err(|e| JobError::Invalid(e.to_string()))?;
+        }
         let ctx = Arc::new(Ctx {
             node_id: cluster.node_id(),
             cluster,
@@ -145,6 +149,7 @@ impl Jobs {
             events,
             signing_key,
             inbox: Mutex::new(Inbox::default()),
+            copies: Mutex::new(HashMap::new()),
             eval,
         });
         tokio::spawn(listen(ctx.clone()));
@@ -181,7 +186,10 @@ impl Jobs {
                 let bytes = model
                     .to_safetensors()
                     .map_err(|e| JobError::Invalid(e.to_string()))?;
-                self.ctx.put_blob(bytes).await?
+                let hash = self.ctx.put_blob(bytes).await?;
+                // Others copy it now, so the job does not depend on this node staying up.
+                self.ctx.announce_model(&id, &hash, Duration::ZERO).await;
+                hash
             }
         };
         let spec_text =
@@ -238,6 +246,21 @@ impl Jobs {
                 job_id: id.to_string(),
             })
             .await?;
+        // Committed through the leader; answer once this node has applied it too.
+        let mut applied = self.ctx.cluster.applied_watch();
+        let _ = tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                let ended = self
+                    .ctx
+                    .cluster
+                    .read(|s| s.jobs.get(id).is_some_and(|j| j.state.is_final()))
+                    .unwrap_or(true);
+                if ended || applied.changed().await.is_err() {
+                    return;
+                }
+            }
+        })
+        .await;
         self.get(id)
     }
 
@@ -336,6 +359,54 @@ impl Jobs {
 }
 
 impl Ctx {
+    /// Asks every node to copy a new model, then waits (up to `wait`) until another node says
+    /// it holds it. Returns whether one did.
+    async fn announce_model(&self, job_id: &str, hash: &str, wait: Duration) -> bool {
+        if let Ok(mut copies) = self.copies.lock() {
+            copies.insert(hash.to_string(), 0);
+        }
+        let notice = ModelNotice {
+            job_id: job_id.to_string(),
+            model_hash: hash.to_string(),
+            have: false,
+        };
+        let data = serde_json::to_vec(&notice).unwrap_or_default();
+        if let Err(e) = self.net.publish(MODELS_TOPIC.to_string(), data).await {
+            tracing::debug!(error = %e, "announcing a model");
+        }
+        let deadline = tokio::time::Instant::now() + wait;
+        let copied = loop {
+            let n = self
+                .copies
+                .lock()
+                .map_or(0, |c| c.get(hash).copied().unwrap_or(0));
+            if n > 0 {
+                break true;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                break false;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        if let Ok(mut copies) = self.copies.lock() {
+            copies.remove(hash);
+        }
+        copied
+    }
+
+    /// Copies a model another node announced, and says so.
+    async fn copy_model(&self, n: ModelNotice) {
+        if let Err(e) = self.get_blob(&n.model_hash).await {
+            tracing::debug!(model = %n.model_hash, error = %e, "copying a new model");
+            return;
+        }
+        let have = ModelNotice { have: true, ..n };
+        let data = serde_json::to_vec(&have).unwrap_or_default();
+        if let Err(e) = self.net.publish(MODELS_TOPIC.to_string(), data).await {
+            tracing::debug!(error = %e, "confirming a model copy");
+        }
+    }
+
     /// Stores bytes as a blob and announces it; returns its hash.
     async fn put_blob(&self, bytes: Vec<u8>) -> Result<String, JobError> {
         let body =
@@ -413,6 +484,28 @@ async fn listen(ctx: Arc<Ctx>) {
     loop {
         tokio::select! {
             ev = events.recv() => match ev {
+                Ok(NodeEvent::Gossip { topic, data, from, .. }) if topic == MODELS_TOPIC => {
+                    match ModelNotice::decode(&data) {
+                        Ok(n) if n.have => {
+                            if let Ok(mut copies) = ctx.copies.lock() {
+                                if let Some(c) = copies.get_mut(&n.model_hash) {
+                                    *c += 1;
+                                }
+                            }
+                        }
+                        Ok(n) => {
+                            let running = ctx
+                                .cluster
+                                .read(|s| s.jobs.get(&n.job_id).is_some_and(|j| !j.state.is_final()))
+                                .unwrap_or(false);
+                            if running {
+                                let ctx = ctx.clone();
+                                tokio::spawn(async move { ctx.copy_model(n).await });
+                            }
+                        }
+                        Err(e) => tracing::debug!(%from, error = %e, "dropping a model notice"),
+                    }
+                }
                 Ok(NodeEvent::Gossip { topic, data, from, .. }) if topic == JOBS_TOPIC => {
                     match Announcement::decode(&data) {
                         Ok(a) => ctx.file(a),

@@ -237,7 +237,7 @@ pub async fn run(config: NodeConfig) -> Result<()> {
         Err(e) => tracing::warn!(%e, "API task failed"),
         Ok(Ok(())) => {}
     }
-    db.flush_async()
+    agentmesh_consensus::flush_tree(&db)
         .await
         .context("flushing the node database")?;
     let _ = std::fs::remove_file(&runtime_file);

@@ -154,7 +154,7 @@ impl PeerStore {
         }
         let (tree, flag) = (self.tree.clone(), self.flushing.clone());
         tokio::spawn(async move {
-            if let Err(e) = tree.flush_async().await {
+            if let Err(e) = agentmesh_consensus::flush_tree(&tree).await {
                 tracing::warn!(%e, "flushing the peer store failed");
             }
             flag.store(false, Ordering::Release);

@@ -11,6 +11,8 @@
 //! - [`MeshBehaviour`]: one behaviour composing identify, ping, Kademlia, gossipsub,
 //!   the blob protocol and connection limits, every knob set explicitly in
 //!   [`MeshConfig`].
+//! - [`jobs`]: training-job messages on gossipsub: signed update announcements and
+//!   model-copy notices (JSON, size-limited).
 //! - [`raft`]: the Raft protocol (`/agentmesh/raft/1.0.0`), opaque frames between
 //!   cluster members.
 //!
@@ -32,6 +34,7 @@ mod behaviour;
 pub mod blob;
 mod codec;
 mod envelope;
+pub mod jobs;
 pub mod raft;
 
 pub use behaviour::{

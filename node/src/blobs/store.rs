@@ -205,7 +205,7 @@ impl BlobStore {
         // Plain data; encoding into a Vec cannot fail.
         let _ = ciborium::into_writer(&meta, &mut buf);
         self.partial.insert(hash.0, buf)?;
-        self.partial.flush_async().await?;
+        agentmesh_consensus::flush_tree(&self.partial).await?;
         Ok(())
     }
 
@@ -218,7 +218,7 @@ impl BlobStore {
             Err(e) => return Err(io_err(&path)(e)),
         }
         self.partial.remove(hash.0)?;
-        self.partial.flush_async().await?;
+        agentmesh_consensus::flush_tree(&self.partial).await?;
         Ok(())
     }
 
@@ -329,7 +329,7 @@ impl BlobStore {
             .map_err(|e| io_err(&self.root)(io::Error::other(e)))?
             .map_err(io_err(&self.root))?;
         self.meta.insert(hash.0, encode_manifest(m))?;
-        self.meta.flush_async().await?;
+        agentmesh_consensus::flush_tree(&self.meta).await?;
         Ok(())
     }
 
@@ -338,7 +338,7 @@ impl BlobStore {
         let from = self.partial_path(hash);
         self.install(&from, hash, m).await?;
         self.partial.remove(hash.0)?;
-        self.partial.flush_async().await?;
+        agentmesh_consensus::flush_tree(&self.partial).await?;
         Ok(())
     }
 

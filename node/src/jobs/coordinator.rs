@@ -12,14 +12,18 @@ use agentmesh_consensus::{
 };
 use agentmesh_federated::Model;
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, HashMap, HashSet},
     sync::Arc,
-    time::Duration,
+    time::{Duration, Instant},
 };
 use tokio::task::JoinHandle;
 
 /// How often the coordinator looks at the running jobs.
 const TICK: Duration = Duration::from_millis(200);
+/// Longest wait for another node to copy a new model before the round is committed.
+const REPLICATE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A trainer Raft has not heard from for longer than this is left out of new rounds.
+const REACHABLE_MS: u64 = 3000;
 
 /// Fetching and checking one update: its values, or why it was refused.
 type UpdateCheck = JoinHandle<Result<Vec<f32>, String>>;
@@ -44,12 +48,15 @@ struct Collecting {
 pub(super) async fn run(ctx: Arc<Ctx>) {
     let mut open: HashMap<String, Collecting> = HashMap::new();
     let mut closing: HashMap<String, JoinHandle<()>> = HashMap::new();
+    let mut leader_since: Option<Instant> = None;
     loop {
         tokio::time::sleep(TICK).await;
         if !ctx.cluster.is_leader() {
             open.clear();
+            leader_since = None;
             continue;
         }
+        leader_since.get_or_insert_with(Instant::now);
         closing.retain(|_, h| !h.is_finished());
         let jobs: Vec<JobRecord> = match ctx.cluster.read(|s| {
             s.jobs
@@ -76,7 +83,8 @@ pub(super) async fn run(ctx: Arc<Ctx>) {
             match &job.current {
                 None => {
                     open.remove(&job.id);
-                    if let Err(e) = start_round(&ctx, &job, &spec).await {
+                    let leading_for = leader_since.map_or(Duration::ZERO, |t| t.elapsed());
+                    if let Err(e) = start_round(&ctx, &job, &spec, leading_for).await {
                         tracing::debug!(job = %job.id, error = %e, "opening a round");
                     }
                 }
@@ -128,7 +136,12 @@ impl Collecting {
 }
 
 /// Opens the next round with every trainer whose data fits the job.
-async fn start_round(ctx: &Ctx, job: &JobRecord, spec: &JobSpec) -> Result<(), String> {
+async fn start_round(
+    ctx: &Ctx,
+    job: &JobRecord,
+    spec: &JobSpec,
+    leading_for: Duration,
+) -> Result<(), String> {
     let next = job.rounds_done + 1;
     if let Some(max) = spec.privacy.as_ref().and_then(|p| p.max_epsilon) {
         if round::epsilon(spec, next).is_some_and(|e| e > max) {
@@ -148,6 +161,20 @@ async fn start_round(ctx: &Ctx, job: &JobRecord, spec: &JobSpec) -> Result<(), S
         )
         .await;
     };
+    // Leave out trainers Raft has not heard from lately: a dead or paused node would only
+    // hold the round until its deadline. It is asked again once it answers.
+    let reachable: HashSet<String> = ctx
+        .cluster
+        .status()
+        .members
+        .iter()
+        .filter(|m| match m.last_contact_ms {
+            Some(ms) => ms <= REACHABLE_MS,
+            // Not heard from since we took over: give it the benefit of the doubt at first.
+            None => leading_for < Duration::from_millis(REACHABLE_MS),
+        })
+        .map(|m| m.node_id.clone())
+        .collect();
     let participants: Vec<NodeId> = ctx
         .cluster
         .read(|s| {
@@ -157,6 +184,7 @@ async fn start_round(ctx: &Ctx, job: &JobRecord, spec: &JobSpec) -> Result<(), S
                     t.features as usize == spec.dataset_features
                         && (t.classes as usize) <= spec.classes
                         && s.active_members().any(|m| m.node_id == **id)
+                        && reachable.contains(&fmt_node_id(**id))
                 })
                 .map(|(id, _)| *id)
                 .collect()
@@ -363,7 +391,7 @@ async fn close_round(
             c.rejected.len()
         ))
     } else {
-        aggregate(ctx, spec, current, &c, &mut record).await
+        aggregate(ctx, job_id, spec, current, &c, &mut record).await
     };
     if let Err(reason) = outcome {
         tracing::warn!(job = %job_id, round = current.round, %reason, "round failed");
@@ -382,6 +410,7 @@ async fn close_round(
 
 async fn aggregate(
     ctx: &Ctx,
+    job_id: &str,
     spec: &JobSpec,
     current: &RoundStart,
     c: &Collecting,
@@ -418,7 +447,17 @@ async fn aggregate(
         .filter_map(|&i| ids.get(i).copied())
         .collect();
     record.noise_seed = seed.map(hex::encode);
-    record.model_hash = Some(ctx.put_blob(bytes).await.map_err(|e| e.to_string())?);
+    let hash = ctx.put_blob(bytes).await.map_err(|e| e.to_string())?;
+    // Commit only once another node holds the model: a result whose model died with its
+    // aggregator would leave the job nothing to train from.
+    let others = ctx
+        .cluster
+        .read(|s| s.active_members().count() > 1)
+        .unwrap_or(false);
+    if others && !ctx.announce_model(job_id, &hash, REPLICATE_TIMEOUT).await {
+        return Err("no other node copied the new model in time".into());
+    }
+    record.model_hash = Some(hash);
     if let Some(e) = evaluation {
         record.loss = Some(e.loss).filter(|l| l.is_finite());
         record.accuracy = Some(e.accuracy);

@@ -1,18 +1,20 @@
-//! Update announcements: what a participant publishes on gossipsub once its update blob is
+//! Training-job wire messages. Update announcements: what a participant publishes on gossipsub once its update blob is
 //! stored. JSON (small, and easy for other implementations and tests to produce), decoded with
 //! a size limit; the signature binds job, round, base model, update and example count to the
 //! participant's identity key.
 
-use agentmesh_consensus::NodeId;
 use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
 use serde::{Deserialize, Serialize};
 
 /// The gossipsub topic every node subscribes to for update announcements.
 pub const JOBS_TOPIC: &str = "agentmesh.jobs.v1";
+/// The gossipsub topic on which a new global model is announced, so that nodes copy it before
+/// the round that made it is committed (the model must outlive the node that aggregated it).
+pub const MODELS_TOPIC: &str = "agentmesh.models.v1";
 /// Largest announcement accepted, in bytes.
 pub const MAX_ANNOUNCEMENT_SIZE: usize = 4096;
 /// Version written in every announcement.
-pub(super) const ANNOUNCEMENT_VERSION: u32 = 1;
+pub const ANNOUNCEMENT_VERSION: u32 = 1;
 /// Domain separation for update signatures.
 const SIGNING_DOMAIN: &[u8] = b"agentmesh/update/v1\0";
 
@@ -34,7 +36,7 @@ pub struct Announcement {
     /// Examples trained on (the FedAvg weight).
     pub examples: u64,
     /// The participant's Raft node id.
-    pub node_id: NodeId,
+    pub node_id: u64,
     /// Mean training loss it saw (informational, not signed).
     pub train_loss: Option<f64>,
     /// Ed25519 signature, hex.
@@ -59,7 +61,7 @@ pub enum AnnouncementError {
 }
 
 /// The bytes a participant signs.
-pub(super) fn signed_bytes(
+pub fn signed_bytes(
     job_id: &str,
     round: u32,
     base_model: &str,
@@ -98,7 +100,7 @@ pub fn sign(
 
 /// Checks a signature made by [`sign`] against a member's public key.
 #[allow(clippy::too_many_arguments)]
-pub(super) fn verify_signature(
+pub fn verify_signature(
     public_key: &[u8],
     signature: &[u8],
     job_id: &str,
@@ -157,9 +159,33 @@ impl Announcement {
     }
 }
 
-/// Fuzzing entry point: decodes arbitrary bytes as an announcement.
+/// "Copy this model": sent by the aggregator before it commits a round.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelNotice {
+    /// The job.
+    pub job_id: String,
+    /// The model's hash.
+    pub model_hash: String,
+    /// `false`: "copy this model" (from the aggregator); `true`: "I hold it now" (the answer).
+    #[serde(default)]
+    pub have: bool,
+}
+
+impl ModelNotice {
+    /// Decodes a notice, refusing oversized or malformed ones.
+    pub fn decode(bytes: &[u8]) -> Result<Self, AnnouncementError> {
+        if bytes.len() > MAX_ANNOUNCEMENT_SIZE {
+            return Err(AnnouncementError::TooLarge(bytes.len()));
+        }
+        serde_json::from_slice(bytes).map_err(|e| AnnouncementError::Malformed(e.to_string()))
+    }
+}
+
+/// Fuzzing entry point: decodes arbitrary bytes as an announcement and as a model notice.
 pub fn fuzz_decode(bytes: &[u8]) {
     let _ = Announcement::decode(bytes);
+    let _ = ModelNotice::decode(bytes);
 }
 
 #[cfg(test)]
