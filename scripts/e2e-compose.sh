@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # End-to-end check of the docker-compose cluster on a real Docker engine: builds the image
 # (scripts/docker-image.sh, no registry needed), brings the 5 nodes up, waits until they found
-# one cluster, writes config, then kills the leader's container, cuts another node off the
+# one cluster, writes config, trains a model on the nodes' private shards, then kills the leader's container, cuts another node off the
 # network and reconnects it, restarts a node on its volume, and checks that the cluster heals to
 # one leader with every acknowledged write on every node. Cleans up with `down -v`.
 #
@@ -111,6 +111,21 @@ grep -q "leader:" <<<"$host_status" || fail "node1's published API"
 step "write config through every node"
 for i in 1 2 3 4 5; do write "node$i" "e2e/a$i"; done
 
+step "train a model on the nodes' private shards"
+trainers() { [ "$(cluster_json node1 | jq_ "len(d['trainers'])")" = 5 ]; }
+wait_for "5 trainers registered" trainers
+job=$(am node2 job submit --aggregator trimmed_mean --trim-ratio 0.2 --rounds 10 \
+  --min-participants 4 --round-timeout-secs 30 --json | jq_ "d['id']") || fail "job submit"
+echo "job $job"
+job_json() { am node1 job status "$job" --json; }
+job_done() { [ "$(job_json | jq_ "d['state']")" = done ]; }
+wait_for "job $job to finish 10 rounds" job_done
+accuracy=$(job_json | jq_ "d['last_round']['accuracy']")
+echo "held-out accuracy after 10 rounds: $accuracy"
+python3 -c "import sys; sys.exit(0 if float('$accuracy') >= 0.85 else 1)" ||
+  fail "job accuracy $accuracy < 0.85"
+am node3 job verify "$job" || fail "job verify on node3"
+
 step "docker kill the leader"
 leader=$(leader_name node1)
 [ -n "$leader" ] || fail "no leader known"
@@ -150,5 +165,6 @@ step "final state"
 wait_for "one leader and 5 members" healed 5
 wait_for "all ${#written[@]} acknowledged writes on every node" all_writes_everywhere
 echo
-echo "e2e-compose passed: 5-node cluster founded by key; survived killing the leader ($leader),"
+echo "e2e-compose passed: 5-node cluster founded by key; trained a model to $accuracy on private"
+echo "shards (verified on another node); survived killing the leader ($leader),"
 echo "disconnecting $cut and restarting $restart; ${#written[@]} acknowledged writes on every node"
