@@ -126,6 +126,13 @@ python3 -c "import sys; sys.exit(0 if float('$accuracy') >= 0.85 else 1)" ||
   fail "job accuracy $accuracy < 0.85"
 am node3 job verify "$job" || fail "job verify on node3"
 
+step "start a long job to run through the failures below"
+job2=$(am node1 job submit --aggregator median --rounds 120 --min-participants 3 \
+  --round-timeout-secs 10 --json | jq_ "d['id']") || fail "job submit"
+echo "job $job2"
+job2_started() { [ "$(am node1 job status "$job2" --json | jq_ "d['rounds_done']")" -ge 1 ]; }
+wait_for "job $job2 under way" job2_started
+
 step "docker kill the leader"
 leader=$(leader_name node1)
 [ -n "$leader" ] || fail "no leader known"
@@ -161,10 +168,16 @@ peer_after=$(am "$restart" status --json | jq_ "d['peer_id']")
 [ "$peer_before" = "$peer_after" ] || fail "$restart came back as $peer_after, not $peer_before"
 write "$restart" e2e/d1
 
+step "the long job finishes"
+job2_done() { [ "$(am node1 job status "$job2" --json | jq_ "d['state']")" = done ]; }
+wait_for "job $job2 to finish 120 rounds" job2_done
+am node1 job status "$job2" --json |
+  jq_ "'{} rounds, {} failed attempts, accuracy {:.3f}'.format(d['rounds_done'], sum(1 for r in d['history'] if r['failed']), d['last_round']['accuracy'])"
+
 step "final state"
 wait_for "one leader and 5 members" healed 5
 wait_for "all ${#written[@]} acknowledged writes on every node" all_writes_everywhere
 echo
 echo "e2e-compose passed: 5-node cluster founded by key; trained a model to $accuracy on private"
-echo "shards (verified on another node); survived killing the leader ($leader),"
+echo "shards (verified on another node); a 120-round job finished through killing the leader ($leader),"
 echo "disconnecting $cut and restarting $restart; ${#written[@]} acknowledged writes on every node"
