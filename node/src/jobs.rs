@@ -39,7 +39,7 @@ use agentmesh_protocols::jobs as announce;
 use serde::Serialize;
 use serde_json::{json, Value};
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, HashMap, VecDeque},
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -67,7 +67,7 @@ pub enum JobError {
     Blob(String),
 }
 
-/// An announcement as received, with the peer that published it.
+/// An announcement as received.
 #[derive(Debug, Clone)]
 pub struct Received {
     /// The announcement.
@@ -76,24 +76,39 @@ pub struct Received {
     pub at_ms: u64,
 }
 
-/// Announcements received, by job, in arrival order.
+/// Announcements received for one job, in arrival order, numbered from 0 for the job's life
+/// (numbers stay valid when the oldest are dropped).
+#[derive(Default)]
+struct JobInbox {
+    dropped: usize,
+    entries: VecDeque<Received>,
+}
+
+/// Announcements received, by job.
 #[derive(Default)]
 pub struct Inbox {
-    jobs: HashMap<String, Vec<Received>>,
+    jobs: HashMap<String, JobInbox>,
 }
 
 impl Inbox {
     fn push(&mut self, r: Received) {
-        let list = self.jobs.entry(r.announcement.job_id.clone()).or_default();
-        if list.len() >= INBOX_PER_JOB {
+        let job = self.jobs.entry(r.announcement.job_id.clone()).or_default();
+        if job.entries.len() >= INBOX_PER_JOB {
             // Keep the newest rounds: drop the oldest entry.
-            list.remove(0);
+            job.entries.pop_front();
+            job.dropped += 1;
         }
-        list.push(r);
+        job.entries.push_back(r);
     }
 
-    fn for_job(&self, job_id: &str) -> Vec<Received> {
-        self.jobs.get(job_id).cloned().unwrap_or_default()
+    /// The job's announcements numbered `from` on, and the number after the last.
+    fn since(&self, job_id: &str, from: usize) -> (Vec<Received>, usize) {
+        let Some(job) = self.jobs.get(job_id) else {
+            return (Vec::new(), from);
+        };
+        let skip = from.saturating_sub(job.dropped);
+        let new = job.entries.iter().skip(skip).cloned().collect();
+        (new, job.dropped + job.entries.len())
     }
 
     fn retain_jobs(&mut self, keep: impl Fn(&str) -> bool) {
@@ -274,12 +289,7 @@ impl Jobs {
     pub async fn verify(&self, id: &str, round: Option<u32>) -> Result<Value, JobError> {
         let job = self.record(id)?;
         let spec = JobSpec::parse(&job.spec).map_err(JobError::Invalid)?;
-        let keys: BTreeMap<NodeId, Vec<u8>> = self.ctx.cluster.read(|s| {
-            s.members
-                .values()
-                .map(|m| (m.node_id, m.public_key.clone()))
-                .collect()
-        })?;
+        let keys = self.ctx.member_keys()?;
         let records: Vec<&RoundRecord> = job
             .history
             .iter()
@@ -359,6 +369,27 @@ impl Jobs {
 }
 
 impl Ctx {
+    /// Files an announcement (from gossip, or our own: gossipsub does not deliver a node's
+    /// own messages back to it).
+    fn file(&self, announcement: Announcement) {
+        if let Ok(mut inbox) = self.inbox.lock() {
+            inbox.push(Received {
+                announcement,
+                at_ms: unix_now_ms(),
+            });
+        }
+    }
+
+    /// Every member's Ed25519 public key, which its update signatures must verify with.
+    fn member_keys(&self) -> Result<BTreeMap<NodeId, Vec<u8>>, ClusterError> {
+        self.cluster.read(|s| {
+            s.members
+                .values()
+                .map(|m| (m.node_id, m.public_key.clone()))
+                .collect()
+        })
+    }
+
     /// Asks every node to copy a new model, then waits (up to `wait`) until another node says
     /// it holds it. Returns whether one did.
     async fn announce_model(&self, job_id: &str, hash: &str, wait: Duration) -> bool {
@@ -522,34 +553,36 @@ async fn listen(ctx: Arc<Ctx>) {
                 if changed.is_err() {
                     return;
                 }
-                let jobs = match ctx.cluster.read(|s| s.jobs.clone()) {
-                    Ok(j) => j,
+                // Most applied entries touch no job: look, and copy only the jobs that changed.
+                let changed: Vec<Value> = match ctx.cluster.read(|s| {
+                    seen.retain(|id, _| s.jobs.contains_key(id));
+                    s.jobs
+                        .values()
+                        .filter(|job| {
+                            let now = (job.state, job.history.len());
+                            seen.insert(job.id.clone(), now) != Some(now)
+                        })
+                        .map(|job| job_view(job, false))
+                        .collect()
+                }) {
+                    Ok(c) => c,
                     Err(_) => continue,
                 };
-                for (id, job) in &jobs {
-                    let now = (job.state, job.history.len());
-                    if seen.get(id) != Some(&now) {
-                        seen.insert(id.clone(), now);
-                        let _ = ctx.events.send(NodeEvent::Job { job: job_view(job, false) });
-                    }
+                if changed.is_empty() {
+                    continue;
                 }
+                for job in changed {
+                    let _ = ctx.events.send(NodeEvent::Job { job });
+                }
+                let running: Vec<String> = seen
+                    .iter()
+                    .filter(|(_, (state, _))| !state.is_final())
+                    .map(|(id, _)| id.clone())
+                    .collect();
                 if let Ok(mut inbox) = ctx.inbox.lock() {
-                    inbox.retain_jobs(|id| jobs.get(id).is_some_and(|j| !j.state.is_final()));
+                    inbox.retain_jobs(|id| running.iter().any(|r| r == id));
                 }
             }
-        }
-    }
-}
-
-impl Ctx {
-    /// Files an announcement (from gossip, or our own: gossipsub does not deliver a node's
-    /// own messages back to it).
-    fn file(&self, announcement: Announcement) {
-        if let Ok(mut inbox) = self.inbox.lock() {
-            inbox.push(Received {
-                announcement,
-                at_ms: unix_now_ms(),
-            });
         }
     }
 }
@@ -652,4 +685,47 @@ pub fn job_view(job: &JobRecord, history: bool) -> Value {
         v["history"] = Value::Array(rounds);
     }
     v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn received(job: &str, round: u32) -> Received {
+        Received {
+            announcement: Announcement {
+                v: 1,
+                job_id: job.into(),
+                round,
+                base_model: String::new(),
+                update_hash: String::new(),
+                examples: 1,
+                node_id: 1,
+                train_loss: None,
+                signature: String::new(),
+            },
+            at_ms: 0,
+        }
+    }
+
+    #[test]
+    fn inbox_numbers_survive_dropping_the_oldest() {
+        let mut inbox = Inbox::default();
+        for round in 0..INBOX_PER_JOB as u32 {
+            inbox.push(received("j", round));
+        }
+        let (first, next) = inbox.since("j", 0);
+        assert_eq!((first.len(), next), (INBOX_PER_JOB, INBOX_PER_JOB));
+        // Two more push the two oldest out; a reader at `next` sees exactly the two new ones.
+        inbox.push(received("j", 10_000));
+        inbox.push(received("j", 10_001));
+        let (new, next2) = inbox.since("j", next);
+        let rounds: Vec<u32> = new.iter().map(|r| r.announcement.round).collect();
+        assert_eq!(rounds, vec![10_000, 10_001]);
+        assert_eq!(next2, INBOX_PER_JOB + 2);
+        assert!(inbox.since("j", next2).0.is_empty());
+        let (none, at) = inbox.since("other", 5);
+        assert!(none.is_empty());
+        assert_eq!(at, 5);
+    }
 }

@@ -1,6 +1,6 @@
 //! Helpers for training-job tests: data shards, trainer clusters, jobs.
 
-use crate::{binary, fast_raft_args, fixed_ports, ok_stdout, wait_settled, wait_until, Node};
+use crate::{binary, fast_raft_args, ok_stdout, start_cluster_with, wait_until, Node};
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
@@ -38,9 +38,8 @@ pub async fn start_trainers(
     n: usize,
     extra: impl Fn(usize) -> Vec<String>,
 ) -> Result<Vec<Node>> {
-    let args = |i: usize| -> Result<Vec<String>> {
-        let mut a = fixed_ports()?;
-        a.extend(fast_raft_args());
+    let nodes = start_cluster_with(root, "n", n, |i| {
+        let mut a = fast_raft_args();
         a.extend([
             "--data".into(),
             shards.join(format!("shard-{i}.csv")).display().to_string(),
@@ -48,26 +47,9 @@ pub async fn start_trainers(
             shards.join("test.csv").display().to_string(),
         ]);
         a.extend(extra(i));
-        Ok(a)
-    };
-    let first = Node::start(root, "n0", &args(0)?).await?;
-    wait_until("the founder to lead", Duration::from_secs(20), || async {
-        Ok(first.is_ready().await)
+        a
     })
     .await?;
-    let mut nodes = vec![first];
-    for i in 1..n {
-        let token = nodes[0].token(600).await?;
-        let mut a = args(i)?;
-        a.extend([
-            "--bootstrap".into(),
-            nodes[0].tcp_addr(),
-            "--join".into(),
-            token,
-        ]);
-        nodes.push(Node::start(root, &format!("n{i}"), &a).await?);
-    }
-    wait_settled(&nodes, if n >= 5 { 5 } else { 3 }).await?;
     wait_until(
         "every node to register as a trainer",
         Duration::from_secs(30),

@@ -578,9 +578,22 @@ pub async fn start_cluster(
     n: usize,
     extra: &[String],
 ) -> Result<Vec<Node>> {
-    let mut args = fixed_ports()?;
-    args.extend_from_slice(extra);
-    let first = Node::start(root, &format!("{prefix}0"), &args).await?;
+    start_cluster_with(root, prefix, n, |_| extra.to_vec()).await
+}
+
+/// [`start_cluster`] with each node's own extra flags: node `i` gets `extra(i)`.
+pub async fn start_cluster_with(
+    root: &Path,
+    prefix: &str,
+    n: usize,
+    extra: impl Fn(usize) -> Vec<String>,
+) -> Result<Vec<Node>> {
+    let args = |i: usize| -> Result<Vec<String>> {
+        let mut args = fixed_ports()?;
+        args.extend(extra(i));
+        Ok(args)
+    };
+    let first = Node::start(root, &format!("{prefix}0"), &args(0)?).await?;
     wait_until("the founder to lead", Duration::from_secs(20), || async {
         Ok(first.is_ready().await)
     })
@@ -588,8 +601,7 @@ pub async fn start_cluster(
     let mut nodes = vec![first];
     for i in 1..n {
         let token = nodes[0].token(600).await?;
-        let mut args = fixed_ports()?;
-        args.extend_from_slice(extra);
+        let mut args = args(i)?;
         args.extend([
             "--bootstrap".into(),
             nodes[0].tcp_addr(),

@@ -7,8 +7,8 @@
 
 use super::{round, spec::JobSpec, unix_now_ms, Ctx, Received};
 use agentmesh_consensus::{
-    fmt_node_id, JobCommand, JobRecord, JobState, NodeId, RejectedUpdate, RoundRecord, RoundStart,
-    UsedUpdate,
+    fmt_node_id, JobCommand, JobRecord, JobState, MemberState, NodeId, RejectedUpdate, RoundRecord,
+    RoundStart, UsedUpdate,
 };
 use agentmesh_federated::Model;
 use std::{
@@ -32,7 +32,7 @@ type UpdateCheck = JoinHandle<Result<Vec<f32>, String>>;
 struct Collecting {
     round: u32,
     attempt: u32,
-    /// Announcements looked at so far (index into the job's inbox list).
+    /// Number of the next announcement to look at in the job's inbox.
     processed: usize,
     /// Accepted-so-far announcements, by participant, with their update fetch.
     pending: BTreeMap<NodeId, (UsedUpdate, Option<f64>, UpdateCheck)>,
@@ -183,7 +183,9 @@ async fn start_round(
                 .filter(|(id, t)| {
                     t.features as usize == spec.dataset_features
                         && (t.classes as usize) <= spec.classes
-                        && s.active_members().any(|m| m.node_id == **id)
+                        && s.members
+                            .get(id)
+                            .is_some_and(|m| m.state == MemberState::Active)
                         && reachable.contains(&fmt_node_id(**id))
                 })
                 .map(|(id, _)| *id)
@@ -220,26 +222,25 @@ async fn collect(
     current: &RoundStart,
     c: &mut Collecting,
 ) {
-    let inbox: Vec<Received> = match ctx.inbox.lock() {
-        Ok(i) => i.for_job(job_id),
+    let new: Vec<Received> = match ctx.inbox.lock() {
+        Ok(i) => {
+            let (new, next) = i.since(job_id, c.processed);
+            c.processed = next;
+            new
+        }
         Err(_) => return,
     };
-    let keys: BTreeMap<NodeId, Vec<u8>> = ctx
-        .cluster
-        .read(|s| {
-            s.members
-                .values()
-                .map(|m| (m.node_id, m.public_key.clone()))
-                .collect()
-        })
-        .unwrap_or_default();
+    let keys = if new.is_empty() {
+        BTreeMap::new()
+    } else {
+        ctx.member_keys().unwrap_or_default()
+    };
     let arch = match spec.architecture() {
         Ok(a) => a,
         Err(_) => return,
     };
-    for r in inbox.iter().skip(c.processed) {
+    for r in &new {
         let a = &r.announcement;
-        c.processed += 1;
         let reject = |c: &mut Collecting, reason: String| {
             tracing::info!(job = %job_id, node = %fmt_node_id(a.node_id), %reason, "update rejected");
             c.rejected.push(RejectedUpdate {
