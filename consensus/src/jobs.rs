@@ -147,6 +147,38 @@ pub struct RoundRecord {
     pub secs: f64,
     /// Why the round failed, if it did.
     pub failed: Option<String>,
+    /// When the round was opened (unix ms, the aggregator's clock; 0 in records from before
+    /// this field existed).
+    #[serde(default)]
+    pub started_at_ms: u64,
+    /// Where the round's time went, as the aggregator saw it.
+    #[serde(default)]
+    pub timing: Option<RoundTiming>,
+}
+
+/// A round's wall time split into its steps, in seconds, as the node that closed it saw it.
+/// Steps the closing node did not see itself (it took over mid-round) are `None`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct RoundTiming {
+    /// Committing the round's start through Raft.
+    pub start_commit: Option<f64>,
+    /// From the start committed to the announcement of the last update used: participants
+    /// learn of the round, fetch the model, train, store and announce.
+    pub updates_in: Option<f64>,
+    /// The last participant's own account: fetching the base model.
+    pub model_fetch: Option<f64>,
+    /// The last participant's own account: local training.
+    pub train: Option<f64>,
+    /// The last participant's own account: clipping, encoding and storing its update.
+    pub update_store: Option<f64>,
+    /// From the last announcement to the round closing: fetching and checking updates.
+    pub update_fetch: Option<f64>,
+    /// Re-clipping, the aggregation rule and central noise.
+    pub aggregate: f64,
+    /// Scoring the new model on the aggregator's evaluation data.
+    pub evaluate: f64,
+    /// Storing the new model and waiting until another node holds a copy.
+    pub model_publish: f64,
 }
 
 /// A node that can train: what data it holds.
@@ -179,8 +211,8 @@ pub enum JobCommand {
     EndRound {
         /// The job.
         job_id: String,
-        /// What happened.
-        record: RoundRecord,
+        /// What happened (boxed: far larger than the other commands).
+        record: Box<RoundRecord>,
     },
     /// Ends a running job (budget exhausted, or it cannot run).
     Finish {
@@ -319,7 +351,7 @@ impl ClusterState {
                         }
                     }
                 }
-                job.history.push(record.clone());
+                job.history.push(RoundRecord::clone(record));
                 touched.push(Touched::Job(job_id.clone()));
                 CommandResult::Done
             }
@@ -429,7 +461,7 @@ mod tests {
     fn end(round: u32, attempt: u32, model: Option<&str>) -> JobCommand {
         JobCommand::EndRound {
             job_id: "j".into(),
-            record: RoundRecord {
+            record: Box::new(RoundRecord {
                 round,
                 attempt,
                 base_model: String::new(),
@@ -445,7 +477,9 @@ mod tests {
                 epsilon: None,
                 secs: 0.0,
                 failed: model.is_none().then(|| "too few updates".to_string()),
-            },
+                started_at_ms: 0,
+                timing: None,
+            }),
         }
     }
 

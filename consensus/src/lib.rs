@@ -30,9 +30,9 @@ pub use cluster::{
 pub use cluster_key::{ClusterKey, ClusterKeyError, MAX_CLUSTER_KEY_FILE, MIN_CLUSTER_KEY_LEN};
 pub use config::{ClusterConfig, ConfigError};
 pub use jobs::{
-    JobCommand, JobRecord, JobState, RejectedUpdate, RoundRecord, RoundStart, TrainerInfo,
-    UsedUpdate, MAX_JOBS, MAX_JOB_ID_LEN, MAX_JOB_SPEC_LEN, MAX_MESSAGE_LEN, MAX_PARTICIPANTS,
-    MAX_ROUNDS, MAX_ROUND_ATTEMPTS,
+    JobCommand, JobRecord, JobState, RejectedUpdate, RoundRecord, RoundStart, RoundTiming,
+    TrainerInfo, UsedUpdate, MAX_JOBS, MAX_JOB_ID_LEN, MAX_JOB_SPEC_LEN, MAX_MESSAGE_LEN,
+    MAX_PARTICIPANTS, MAX_ROUNDS, MAX_ROUND_ATTEMPTS,
 };
 pub use network::{CallFuture, Transport, TransportError};
 pub use rpc::{fuzz_decode_request, MAX_RPC_SIZE};

@@ -20,7 +20,7 @@ mod spec;
 mod worker;
 
 pub use agentmesh_protocols::jobs::{
-    sign as sign_update, Announcement, AnnouncementError, ModelNotice, JOBS_TOPIC,
+    sign as sign_update, Announcement, AnnouncementError, ModelNotice, UpdateTiming, JOBS_TOPIC,
     MAX_ANNOUNCEMENT_SIZE, MODELS_TOPIC,
 };
 pub use spec::{JobSpec, PrivacySpec, MAX_ROUND_TIMEOUT_SECS};
@@ -32,10 +32,12 @@ use crate::{
 };
 use agentmesh_consensus::{
     fmt_node_id, Cluster, ClusterError, JobCommand, JobRecord, JobState, NodeId, RoundRecord,
+    RoundTiming,
 };
 use agentmesh_federated::{Dataset, Model};
 use agentmesh_protocols::blob::BlobHash;
 use agentmesh_protocols::jobs as announce;
+use libp2p::PeerId;
 use serde::Serialize;
 use serde_json::{json, Value};
 use std::{
@@ -128,7 +130,12 @@ pub struct Ctx {
     inbox: Mutex<Inbox>,
     /// Copies other nodes confirmed, for the models this node is waiting on.
     copies: Mutex<HashMap<String, usize>>,
+    /// Bumped whenever a copy is confirmed, so a waiting aggregator wakes at once.
+    copy_confirmed: tokio::sync::watch::Sender<u64>,
     eval: Option<Dataset>,
+    /// Wakes the coordinator early: an announcement arrived, an update was fetched, a round
+    /// was committed.
+    wake: tokio::sync::Notify,
 }
 
 /// The job service of one node.
@@ -165,7 +172,9 @@ impl Jobs {
             signing_key,
             inbox: Mutex::new(Inbox::default()),
             copies: Mutex::new(HashMap::new()),
+            copy_confirmed: tokio::sync::watch::Sender::new(0),
             eval,
+            wake: tokio::sync::Notify::new(),
         });
         tokio::spawn(listen(ctx.clone()));
         tokio::spawn(coordinator::run(ctx.clone()));
@@ -185,7 +194,7 @@ impl Jobs {
             .get_or_insert_with(|| u64::from_str_radix(&id[..16], 16).unwrap_or(0));
         let model_hash = match &spec.initial_model {
             Some(hash) => {
-                let bytes = self.ctx.get_blob(hash).await?;
+                let bytes = self.ctx.get_blob(hash, &[]).await?;
                 let model = Model::from_safetensors(&bytes)
                     .map_err(|e| JobError::Invalid(format!("initial_model: {e}")))?;
                 if model.architecture() != &arch {
@@ -281,7 +290,7 @@ impl Jobs {
 
     /// The bytes of a model (or any blob) by hash, fetched from the mesh if needed.
     pub async fn model_bytes(&self, hash: &str) -> Result<Vec<u8>, JobError> {
-        self.ctx.get_blob(hash).await
+        self.ctx.get_blob(hash, &[]).await
     }
 
     /// Recomputes committed rounds (all, or just `round`) from the signed update blobs and
@@ -332,7 +341,7 @@ impl Jobs {
     ) -> Result<String, String> {
         let base_bytes = self
             .ctx
-            .get_blob(&r.base_model)
+            .get_blob(&r.base_model, &[])
             .await
             .map_err(|e| format!("base model: {e}"))?;
         let base = Model::from_safetensors(&base_bytes).map_err(|e| format!("base model: {e}"))?;
@@ -353,7 +362,7 @@ impl Jobs {
             .map_err(|e| format!("update of {}: {e}", fmt_node_id(u.node_id)))?;
             let delta = self
                 .ctx
-                .load_update(&u.update_hash, base.architecture())
+                .load_update(&u.update_hash, u.node_id, base.architecture())
                 .await
                 .map_err(|e| format!("update of {}: {e}", fmt_node_id(u.node_id)))?;
             updates.push((delta, u.examples));
@@ -378,6 +387,21 @@ impl Ctx {
                 at_ms: unix_now_ms(),
             });
         }
+        self.wake.notify_one();
+    }
+
+    /// A member's peer id, if it is a member.
+    fn peer_of(&self, node: NodeId) -> Option<PeerId> {
+        self.cluster
+            .read(|s| s.members.get(&node).map(|m| m.peer_id.clone()))
+            .ok()
+            .flatten()
+            .and_then(|p| p.parse().ok())
+    }
+
+    /// The current Raft leader's peer id: it aggregated the latest model.
+    fn leader_peer(&self) -> Option<PeerId> {
+        self.cluster.status().leader_peer_id?.parse().ok()
     }
 
     /// Every member's Ed25519 public key, which its update signatures must verify with.
@@ -396,6 +420,7 @@ impl Ctx {
         if let Ok(mut copies) = self.copies.lock() {
             copies.insert(hash.to_string(), 0);
         }
+        let mut confirmed = self.copy_confirmed.subscribe();
         let notice = ModelNotice {
             job_id: job_id.to_string(),
             model_hash: hash.to_string(),
@@ -414,10 +439,10 @@ impl Ctx {
             if n > 0 {
                 break true;
             }
-            if tokio::time::Instant::now() >= deadline {
-                break false;
+            match tokio::time::timeout_at(deadline, confirmed.changed()).await {
+                Ok(Ok(())) => {}
+                _ => break false,
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
         };
         if let Ok(mut copies) = self.copies.lock() {
             copies.remove(hash);
@@ -426,8 +451,8 @@ impl Ctx {
     }
 
     /// Copies a model another node announced, and says so.
-    async fn copy_model(&self, n: ModelNotice) {
-        if let Err(e) = self.get_blob(&n.model_hash).await {
+    async fn copy_model(&self, n: ModelNotice, from: Option<PeerId>) {
+        if let Err(e) = self.get_blob(&n.model_hash, from.as_slice()).await {
             tracing::debug!(model = %n.model_hash, error = %e, "copying a new model");
             return;
         }
@@ -460,14 +485,15 @@ impl Ctx {
         Ok(put.hash)
     }
 
-    /// A blob's bytes, fetched from the mesh if not held here. Only for model-sized blobs.
-    async fn get_blob(&self, hash: &str) -> Result<Vec<u8>, JobError> {
+    /// A blob's bytes, fetched from the mesh if not held here (from `hints` first: peers that
+    /// should hold it). Only for model-sized blobs.
+    async fn get_blob(&self, hash: &str, hints: &[PeerId]) -> Result<Vec<u8>, JobError> {
         let h: BlobHash =
             hash.parse()
                 .map_err(|e: agentmesh_protocols::blob::ParseHashError| {
                     JobError::Invalid(e.to_string())
                 })?;
-        tokio::time::timeout(FETCH_TIMEOUT, self.fetcher.fetch(h))
+        tokio::time::timeout(FETCH_TIMEOUT, self.fetcher.fetch_hinted(h, hints))
             .await
             .map_err(|_| JobError::Blob(format!("{hash}: not fetched within {FETCH_TIMEOUT:?}")))?
             .map_err(|e| JobError::Blob(e.to_string()))?;
@@ -486,13 +512,19 @@ impl Ctx {
             .map_err(|e| JobError::Blob(format!("{hash}: {e}")))
     }
 
-    /// Fetches and decodes an update for `arch`, refusing one of the wrong size or content.
+    /// Fetches (from its author first) and decodes an update for `arch`, refusing one of the
+    /// wrong size or content.
     async fn load_update(
         &self,
         hash: &str,
+        author: NodeId,
         arch: &agentmesh_federated::Architecture,
     ) -> Result<Vec<f32>, String> {
-        let bytes = self.get_blob(hash).await.map_err(|e| e.to_string())?;
+        let hint = self.peer_of(author);
+        let bytes = self
+            .get_blob(hash, hint.as_slice())
+            .await
+            .map_err(|e| e.to_string())?;
         let (found, params, content) =
             agentmesh_federated::decode_params(&bytes).map_err(|e| e.to_string())?;
         if content != agentmesh_federated::Content::Update {
@@ -521,6 +553,7 @@ async fn listen(ctx: Arc<Ctx>) {
                             if let Ok(mut copies) = ctx.copies.lock() {
                                 if let Some(c) = copies.get_mut(&n.model_hash) {
                                     *c += 1;
+                                    ctx.copy_confirmed.send_modify(|n| *n += 1);
                                 }
                             }
                         }
@@ -530,8 +563,8 @@ async fn listen(ctx: Arc<Ctx>) {
                                 .read(|s| s.jobs.get(&n.job_id).is_some_and(|j| !j.state.is_final()))
                                 .unwrap_or(false);
                             if running {
-                                let ctx = ctx.clone();
-                                tokio::spawn(async move { ctx.copy_model(n).await });
+                                let (ctx, author) = (ctx.clone(), from.parse().ok());
+                                tokio::spawn(async move { ctx.copy_model(n, author).await });
                             }
                         }
                         Err(e) => tracing::debug!(%from, error = %e, "dropping a model notice"),
@@ -610,6 +643,8 @@ struct RoundView<'a> {
     train_loss: Option<f64>,
     epsilon: Option<f64>,
     secs: f64,
+    started_at_ms: u64,
+    timing: &'a Option<RoundTiming>,
     model_hash: &'a Option<String>,
     noise_seed: &'a Option<String>,
     failed: &'a Option<String>,
@@ -636,6 +671,8 @@ pub fn job_view(job: &JobRecord, history: bool) -> Value {
                 train_loss: r.train_loss,
                 epsilon: r.epsilon,
                 secs: r.secs,
+                started_at_ms: r.started_at_ms,
+                timing: &r.timing,
                 model_hash: &r.model_hash,
                 noise_seed: &r.noise_seed,
                 failed: &r.failed,
@@ -702,6 +739,7 @@ mod tests {
                 examples: 1,
                 node_id: 1,
                 train_loss: None,
+                timing: None,
                 signature: String::new(),
             },
             at_ms: 0,

@@ -39,8 +39,32 @@ pub struct Announcement {
     pub node_id: u64,
     /// Mean training loss it saw (informational, not signed).
     pub train_loss: Option<f64>,
+    /// Where the participant's time went (informational, not signed): lets the aggregator
+    /// split a round's wall time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timing: Option<UpdateTiming>,
     /// Ed25519 signature, hex.
     pub signature: String,
+}
+
+/// A participant's own account of its round, in seconds.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateTiming {
+    /// Fetching and loading the base model.
+    pub model_fetch_secs: f64,
+    /// Local training.
+    pub train_secs: f64,
+    /// Clipping, encoding and storing the update blob.
+    pub store_secs: f64,
+}
+
+impl UpdateTiming {
+    /// The timing if every figure is a plausible duration (a peer's claim is only informational).
+    pub fn plausible(self) -> Option<Self> {
+        let ok = |v: f64| v.is_finite() && (0.0..=86_400.0).contains(&v);
+        (ok(self.model_fetch_secs) && ok(self.train_secs) && ok(self.store_secs)).then_some(self)
+    }
 }
 
 /// Why an announcement was refused.
@@ -203,7 +227,33 @@ mod tests {
             examples: 100,
             node_id: 7,
             train_loss: Some(0.5),
+            timing: Some(UpdateTiming {
+                model_fetch_secs: 0.01,
+                train_secs: 1.5,
+                store_secs: 0.02,
+            }),
             signature: hex::encode(sig),
+        }
+    }
+
+    #[test]
+    fn timing_is_optional_and_implausible_figures_are_dropped() {
+        let key = SigningKey::from_bytes(&[3; 32]);
+        let mut a = announcement(&key);
+        assert!(a.timing.and_then(UpdateTiming::plausible).is_some());
+        // Unsigned: changing it leaves the signature valid.
+        a.timing = None;
+        assert_eq!(a.verify(&key.verifying_key().to_bytes()), Ok(()));
+        let text = String::from_utf8(a.encode()).unwrap();
+        assert!(!text.contains("timing"), "{text}");
+        assert_eq!(Announcement::decode(text.as_bytes()).unwrap(), a);
+        for bad in [f64::NAN, -1.0, f64::INFINITY, 1e9] {
+            let t = UpdateTiming {
+                model_fetch_secs: 0.0,
+                train_secs: bad,
+                store_secs: 0.0,
+            };
+            assert_eq!(t.plausible(), None, "{bad}");
         }
     }
 

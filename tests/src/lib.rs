@@ -9,6 +9,7 @@
 //! The binary is found through `AGENTMESH_BIN`, else next to the test executable
 //! (`target/<profile>/agentmesh`); build it first (`cargo build -p agentmesh`).
 
+pub mod bench;
 pub mod jobs;
 pub mod linearizability;
 pub mod netns;

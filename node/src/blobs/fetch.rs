@@ -174,6 +174,17 @@ impl Fetcher {
     /// Makes sure the blob is held locally, fetching it if needed. Concurrent
     /// fetches of one blob are serialised; the second finds it complete.
     pub async fn fetch(&self, hash: BlobHash) -> Result<FetchReport, FetchError> {
+        self.fetch_hinted(hash, &[]).await
+    }
+
+    /// Like [`fetch`](Self::fetch), trying `hints` (peers that should hold the blob, such as
+    /// the node that just announced it) before asking Kademlia; if they cannot serve it, the
+    /// providers come from Kademlia as usual.
+    pub async fn fetch_hinted(
+        &self,
+        hash: BlobHash,
+        hints: &[PeerId],
+    ) -> Result<FetchReport, FetchError> {
         let lock = {
             let mut locks = self
                 .locks
@@ -189,7 +200,13 @@ impl Fetcher {
                 fetcher: self,
                 hash,
             };
-            self.fetch_locked(hash).await
+            match self.fetch_locked(hash, hints).await {
+                Err(e) if !hints.is_empty() => {
+                    tracing::debug!(%hash, error = %e, "hinted providers failed; asking Kademlia");
+                    self.fetch_locked(hash, &[]).await
+                }
+                r => r,
+            }
         };
         if let Ok(mut locks) = self.locks.lock() {
             if Arc::strong_count(&lock) == 2 {
@@ -199,7 +216,11 @@ impl Fetcher {
         result
     }
 
-    async fn fetch_locked(&self, hash: BlobHash) -> Result<FetchReport, FetchError> {
+    async fn fetch_locked(
+        &self,
+        hash: BlobHash,
+        hints: &[PeerId],
+    ) -> Result<FetchReport, FetchError> {
         let started = Instant::now();
         let mut report = FetchReport {
             hash: hash.to_string(),
@@ -211,7 +232,11 @@ impl Fetcher {
             report.already_local = true;
             return Ok(report);
         }
-        let providers = self.net.get_providers(hash).await?;
+        let local = self.net.local_peer_id();
+        let providers = match hints.iter().filter(|p| **p != local).collect::<Vec<_>>() {
+            h if h.is_empty() => self.net.get_providers(hash).await?,
+            h => h.into_iter().copied().collect(),
+        };
         if providers.is_empty() {
             return Err(FetchError::NoProviders(hash));
         }

@@ -5,10 +5,10 @@
 //! where the old one stopped: an open round is collected again from the announcements the new
 //! leader received too (every node subscribes to the jobs topic), and closed at its deadline.
 
-use super::{round, spec::JobSpec, unix_now_ms, Ctx, Received};
+use super::{round, spec::JobSpec, unix_now_ms, Ctx, Received, UpdateTiming};
 use agentmesh_consensus::{
     fmt_node_id, JobCommand, JobRecord, JobState, MemberState, NodeId, RejectedUpdate, RoundRecord,
-    RoundStart, UsedUpdate,
+    RoundStart, RoundTiming, UsedUpdate,
 };
 use agentmesh_federated::Model;
 use std::{
@@ -16,9 +16,9 @@ use std::{
     sync::Arc,
     time::{Duration, Instant},
 };
-use tokio::task::JoinHandle;
+use tokio::{sync::mpsc, task::JoinHandle};
 
-/// How often the coordinator looks at the running jobs.
+/// How often the coordinator looks at the running jobs when nothing wakes it earlier.
 const TICK: Duration = Duration::from_millis(200);
 /// Longest wait for another node to copy a new model before the round is committed.
 const REPLICATE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -42,17 +42,44 @@ struct Collecting {
     rejected: Vec<RejectedUpdate>,
     /// Participants whose update was refused (they do not get a second chance this round).
     refused: BTreeMap<NodeId, String>,
+    /// This node's commit of the round's start, if it made it: how long it took, and when it
+    /// returned (unix ms).
+    started: Option<Started>,
+    /// The latest accepted announcement: when it arrived (unix ms) and what its sender said
+    /// about its own time.
+    last: Option<(u64, Option<UpdateTiming>)>,
+    /// When the round was closed (unix ms).
+    closed_at_ms: u64,
+}
+
+/// A round start this node committed.
+#[derive(Clone, Copy)]
+struct Started {
+    round: u32,
+    attempt: u32,
+    commit_secs: f64,
+    committed_at_ms: u64,
 }
 
 /// Runs forever; acts only while this node leads.
 pub(super) async fn run(ctx: Arc<Ctx>) {
     let mut open: HashMap<String, Collecting> = HashMap::new();
     let mut closing: HashMap<String, JoinHandle<()>> = HashMap::new();
+    let mut started: HashMap<String, Started> = HashMap::new();
     let mut leader_since: Option<Instant> = None;
+    // Closing tasks report here when their result is committed, so the next round opens at once.
+    let (closed_tx, mut closed_rx) = mpsc::unbounded_channel::<String>();
     loop {
-        tokio::time::sleep(TICK).await;
+        tokio::select! {
+            _ = tokio::time::sleep(TICK) => {}
+            _ = ctx.wake.notified() => {}
+            Some(job_id) = closed_rx.recv() => {
+                closing.remove(&job_id);
+            }
+        }
         if !ctx.cluster.is_leader() {
             open.clear();
+            started.clear();
             leader_since = None;
             continue;
         }
@@ -69,6 +96,7 @@ pub(super) async fn run(ctx: Arc<Ctx>) {
             Err(_) => continue,
         };
         open.retain(|id, _| jobs.iter().any(|j| &j.id == id));
+        started.retain(|id, _| jobs.iter().any(|j| &j.id == id));
         for job in jobs {
             if closing.contains_key(&job.id) {
                 continue;
@@ -84,16 +112,28 @@ pub(super) async fn run(ctx: Arc<Ctx>) {
                 None => {
                     open.remove(&job.id);
                     let leading_for = leader_since.map_or(Duration::ZERO, |t| t.elapsed());
-                    if let Err(e) = start_round(&ctx, &job, &spec, leading_for).await {
-                        tracing::debug!(job = %job.id, error = %e, "opening a round");
+                    let committing = Instant::now();
+                    match start_round(&ctx, &job, &spec, leading_for).await {
+                        Ok(Some((round, attempt))) => {
+                            let s = Started {
+                                round,
+                                attempt,
+                                commit_secs: committing.elapsed().as_secs_f64(),
+                                committed_at_ms: unix_now_ms(),
+                            };
+                            started.insert(job.id.clone(), s);
+                        }
+                        Ok(None) => {}
+                        Err(e) => tracing::debug!(job = %job.id, error = %e, "opening a round"),
                     }
                 }
                 Some(current) => {
+                    let ours = started.get(&job.id).copied();
                     let c = open
                         .entry(job.id.clone())
-                        .or_insert_with(|| Collecting::new(current));
+                        .or_insert_with(|| Collecting::new(current, ours));
                     if c.round != current.round || c.attempt != current.attempt {
-                        *c = Collecting::new(current);
+                        *c = Collecting::new(current, ours);
                     }
                     collect(&ctx, &job.id, &spec, current, c).await;
                     let all_in = current
@@ -101,10 +141,12 @@ pub(super) async fn run(ctx: Arc<Ctx>) {
                         .iter()
                         .all(|p| c.valid.contains_key(p) || c.refused.contains_key(p));
                     if all_in || unix_now_ms() >= current.deadline_ms {
-                        let c = open
+                        let mut c = open
                             .remove(&job.id)
-                            .unwrap_or_else(|| Collecting::new(current));
+                            .unwrap_or_else(|| Collecting::new(current, ours));
+                        c.closed_at_ms = unix_now_ms();
                         let (ctx, job_id, current) = (ctx.clone(), job.id.clone(), current.clone());
+                        let closed = closed_tx.clone();
                         closing.insert(
                             job.id.clone(),
                             tokio::spawn(async move {
@@ -112,6 +154,7 @@ pub(super) async fn run(ctx: Arc<Ctx>) {
                                 {
                                     tracing::warn!(job = %job_id, error = %e, "closing a round");
                                 }
+                                let _ = closed.send(job_id);
                             }),
                         );
                     }
@@ -122,7 +165,7 @@ pub(super) async fn run(ctx: Arc<Ctx>) {
 }
 
 impl Collecting {
-    fn new(c: &RoundStart) -> Self {
+    fn new(c: &RoundStart, started: Option<Started>) -> Self {
         Self {
             round: c.round,
             attempt: c.attempt,
@@ -131,17 +174,41 @@ impl Collecting {
             valid: BTreeMap::new(),
             rejected: Vec::new(),
             refused: BTreeMap::new(),
+            started: started.filter(|s| s.round == c.round && s.attempt == c.attempt),
+            last: None,
+            closed_at_ms: 0,
+        }
+    }
+
+    /// The round's timing so far, as far as this node saw it.
+    fn timing(&self) -> RoundTiming {
+        let secs = |from: u64, to: u64| to.saturating_sub(from) as f64 / 1000.0;
+        let reported = self
+            .last
+            .and_then(|(_, t)| t.and_then(UpdateTiming::plausible));
+        RoundTiming {
+            start_commit: self.started.map(|s| s.commit_secs),
+            updates_in: self
+                .started
+                .zip(self.last)
+                .map(|(s, (at, _))| secs(s.committed_at_ms, at)),
+            model_fetch: reported.map(|t| t.model_fetch_secs),
+            train: reported.map(|t| t.train_secs),
+            update_store: reported.map(|t| t.store_secs),
+            update_fetch: self.last.map(|(at, _)| secs(at, self.closed_at_ms)),
+            ..RoundTiming::default()
         }
     }
 }
 
-/// Opens the next round with every trainer whose data fits the job.
+/// Opens the next round with every trainer whose data fits the job; returns the round and
+/// attempt it committed, or `None` if the job ended instead.
 async fn start_round(
     ctx: &Ctx,
     job: &JobRecord,
     spec: &JobSpec,
     leading_for: Duration,
-) -> Result<(), String> {
+) -> Result<Option<(u32, u32)>, String> {
     let next = job.rounds_done + 1;
     if let Some(max) = spec.privacy.as_ref().and_then(|p| p.max_epsilon) {
         if round::epsilon(spec, next).is_some_and(|e| e > max) {
@@ -149,7 +216,9 @@ async fn start_round(
                 "stopped after {} rounds: round {next} would take ε above max_epsilon {max}",
                 job.rounds_done
             );
-            return finish(ctx, &job.id, JobState::Done, msg).await;
+            return finish(ctx, &job.id, JobState::Done, msg)
+                .await
+                .map(|()| None);
         }
     }
     let Some(base) = job.model_hash.clone() else {
@@ -159,7 +228,8 @@ async fn start_round(
             JobState::Failed,
             "the job has no model".into(),
         )
-        .await;
+        .await
+        .map(|()| None);
     };
     // Leave out trainers Raft has not heard from lately: a dead or paused node would only
     // hold the round until its deadline. It is asked again once it answers.
@@ -205,13 +275,15 @@ async fn start_round(
         deadline_ms: now + spec.round_timeout_secs * 1000,
     };
     tracing::info!(job = %job.id, round = next, attempt = start.attempt, participants = start.participants.len(), "opening round");
+    let opened = Some((start.round, start.attempt));
     ctx.cluster
         .job_write(JobCommand::StartRound {
             job_id: job.id.clone(),
             start,
         })
         .await
-        .map_err(|e| e.to_string())
+        .map_err(|e| e.to_string())?;
+    Ok(opened)
 }
 
 /// Looks at new announcements for the open round.
@@ -299,15 +371,23 @@ async fn collect(
             examples: a.examples,
             signature: a.signature_bytes(),
         };
-        let (fetch_ctx, hash, arch) = (ctx.clone(), a.update_hash.clone(), arch.clone());
+        let (fetch_ctx, hash, arch, author) =
+            (ctx.clone(), a.update_hash.clone(), arch.clone(), a.node_id);
         let handle = tokio::spawn(async move {
-            let delta = fetch_ctx.load_update(&hash, &arch).await?;
-            if let Some(i) = delta.iter().position(|v| !v.is_finite()) {
-                return Err(format!("parameter {i} is not finite"));
-            }
-            Ok(delta)
+            let checked = match fetch_ctx.load_update(&hash, author, &arch).await {
+                Ok(delta) => match delta.iter().position(|v| !v.is_finite()) {
+                    Some(i) => Err(format!("parameter {i} is not finite")),
+                    None => Ok(delta),
+                },
+                Err(e) => Err(e),
+            };
+            fetch_ctx.wake.notify_one();
+            checked
         });
         c.pending.insert(a.node_id, (used, a.train_loss, handle));
+        if c.last.is_none_or(|(at, _)| at <= r.at_ms) {
+            c.last = Some((r.at_ms, a.timing));
+        }
     }
     // Harvest finished fetches.
     let finished: Vec<NodeId> = c
@@ -372,6 +452,8 @@ async fn close_round(
         epsilon: None,
         secs: 0.0,
         failed: None,
+        started_at_ms: current.started_at_ms,
+        timing: Some(c.timing()),
     };
     let losses: Vec<(f64, u64)> = c
         .valid
@@ -403,7 +485,7 @@ async fn close_round(
     ctx.cluster
         .job_write(JobCommand::EndRound {
             job_id: job_id.to_string(),
-            record,
+            record: Box::new(record),
         })
         .await
         .map_err(|e| e.to_string())
@@ -418,7 +500,7 @@ async fn aggregate(
     record: &mut RoundRecord,
 ) -> Result<(), String> {
     let base_bytes = ctx
-        .get_blob(&current.base_model)
+        .get_blob(&current.base_model, &[])
         .await
         .map_err(|e| format!("base model: {e}"))?;
     let base = Model::from_safetensors(&base_bytes).map_err(|e| format!("base model: {e}"))?;
@@ -434,14 +516,24 @@ async fn aggregate(
     let ids: Vec<NodeId> = c.valid.keys().copied().collect();
     let spec2 = spec.clone();
     let eval = ctx.eval.clone();
-    let (outcome, bytes, evaluation) = tokio::task::spawn_blocking(move || {
-        let outcome = round::aggregate(&spec2, &base, &updates, seed)?;
-        let bytes = outcome.model.to_safetensors().map_err(|e| e.to_string())?;
-        let evaluation = eval.and_then(|d| outcome.model.evaluate(&d).ok());
-        Ok::<_, String>((outcome, bytes, evaluation))
-    })
-    .await
-    .map_err(|e| format!("aggregation task: {e}"))??;
+    let (outcome, bytes, evaluation, aggregate_secs, evaluate_secs) =
+        tokio::task::spawn_blocking(move || {
+            let aggregating = Instant::now();
+            let outcome = round::aggregate(&spec2, &base, &updates, seed)?;
+            let bytes = outcome.model.to_safetensors().map_err(|e| e.to_string())?;
+            let aggregate_secs = aggregating.elapsed().as_secs_f64();
+            let evaluating = Instant::now();
+            let evaluation = eval.and_then(|d| outcome.model.evaluate(&d).ok());
+            let evaluate_secs = evaluating.elapsed().as_secs_f64();
+            Ok::<_, String>((outcome, bytes, evaluation, aggregate_secs, evaluate_secs))
+        })
+        .await
+        .map_err(|e| format!("aggregation task: {e}"))??;
+    if let Some(t) = record.timing.as_mut() {
+        t.aggregate = aggregate_secs;
+        t.evaluate = evaluate_secs;
+    }
+    let publishing = Instant::now();
     record.selected = outcome
         .selected
         .iter()
@@ -457,6 +549,9 @@ async fn aggregate(
         .unwrap_or(false);
     if others && !ctx.announce_model(job_id, &hash, REPLICATE_TIMEOUT).await {
         return Err("no other node copied the new model in time".into());
+    }
+    if let Some(t) = record.timing.as_mut() {
+        t.model_publish = publishing.elapsed().as_secs_f64();
     }
     record.model_hash = Some(hash);
     if let Some(e) = evaluation {

@@ -1,6 +1,6 @@
 //! The participant side: train on this node's private data when a round names us.
 
-use super::{announce, spec::JobSpec, unix_now_ms, Announcement, Ctx, JOBS_TOPIC};
+use super::{announce, spec::JobSpec, unix_now_ms, Announcement, Ctx, UpdateTiming, JOBS_TOPIC};
 use agentmesh_consensus::{JobCommand, RoundStart, TrainerInfo};
 use agentmesh_federated::{
     add_gaussian_noise, clip_l2, encode_params, Attack, Content, Dataset, ExternalTrainer,
@@ -9,7 +9,12 @@ use agentmesh_federated::{
 use rand::SeedableRng;
 use rand_chacha::ChaCha20Rng;
 use sha2::{Digest, Sha256};
-use std::{collections::HashSet, str::FromStr, sync::Arc, time::Duration};
+use std::{
+    collections::HashSet,
+    str::FromStr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 /// How often the worker looks for rounds besides reacting to state changes.
 const POLL: Duration = Duration::from_millis(500);
@@ -147,30 +152,34 @@ async fn train_round(
             training.data.num_features()
         ));
     }
+    let fetching = Instant::now();
     let bytes = ctx
-        .get_blob(&start.base_model)
+        .get_blob(&start.base_model, ctx.leader_peer().as_slice())
         .await
         .map_err(|e| format!("base model: {e}"))?;
     let global = Model::from_safetensors(&bytes).map_err(|e| format!("base model: {e}"))?;
     if global.architecture() != &arch {
         return Err("the base model does not have the job's architecture".into());
     }
+    let model_fetch_secs = fetching.elapsed().as_secs_f64();
     let seed = round_seed(job_id, start.round, ctx.node_id, spec.seed.unwrap_or(0));
     let config = spec.train_config(seed);
     let t = training.clone();
     let timeout = Duration::from_millis(start.deadline_ms.saturating_sub(unix_now_ms()));
     let out = tokio::task::spawn_blocking(move || {
+        let training = Instant::now();
         match &t.external {
             Some(ext) => ext.train(&global, &t.data, &config),
             None => LocalTrainer.train(&global, &t.data, &config),
         }
-        .map(|out| (out, t.red_team))
+        .map(|out| (out, t.red_team, training.elapsed().as_secs_f64()))
     });
-    let (out, red_team) = tokio::time::timeout(timeout, out)
+    let (out, red_team, train_secs) = tokio::time::timeout(timeout, out)
         .await
         .map_err(|_| "training did not finish before the round's deadline".to_string())?
         .map_err(|e| format!("training task: {e}"))?
         .map_err(|e| e.to_string())?;
+    let storing = Instant::now();
     let mut delta = out.delta;
     let mut rng = ChaCha20Rng::seed_from_u64(seed);
     if let Some(p) = &spec.privacy {
@@ -206,6 +215,11 @@ async fn train_round(
         examples: out.examples,
         node_id: ctx.node_id,
         train_loss: Some(out.metrics.loss).filter(|l| l.is_finite()),
+        timing: Some(UpdateTiming {
+            model_fetch_secs,
+            train_secs,
+            store_secs: storing.elapsed().as_secs_f64(),
+        }),
         signature: hex::encode(signature),
     };
     ctx.file(announcement.clone());
