@@ -174,11 +174,12 @@ pub struct RoundTiming {
     /// From the last announcement to the round closing: fetching and checking updates.
     pub update_fetch: Option<f64>,
     /// Re-clipping, the aggregation rule and central noise.
-    pub aggregate: f64,
+    pub aggregate: Option<f64>,
     /// Scoring the new model on the aggregator's evaluation data.
-    pub evaluate: f64,
-    /// Storing the new model and waiting until another node holds a copy.
-    pub model_publish: f64,
+    pub evaluate: Option<f64>,
+    /// Storing the new model and waiting until another node holds a copy (also when the
+    /// wait timed out and the round failed).
+    pub model_publish: Option<f64>,
 }
 
 /// A node that can train: what data it holds.

@@ -51,6 +51,10 @@ use tokio::sync::broadcast;
 const INBOX_PER_JOB: usize = 4096;
 /// Longest wait for a blob fetch from the mesh before giving up on it.
 const FETCH_TIMEOUT: Duration = Duration::from_secs(60);
+/// Largest model file fetched for a job.
+const MODEL_LIMIT: u64 = agentmesh_federated::MAX_MODEL_FILE_SIZE as u64;
+/// Room for a safetensors header (names, shapes, metadata) above the parameters' bytes.
+const HEADER_ALLOWANCE: u64 = 1 << 20;
 
 /// Why a job operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -129,7 +133,8 @@ pub struct Ctx {
     node_id: NodeId,
     inbox: Mutex<Inbox>,
     /// Copies other nodes confirmed, for the models this node is waiting on.
-    copies: Mutex<HashMap<String, usize>>,
+    /// For each: (copies of the model, copies that include the extra blobs).
+    copies: Mutex<HashMap<String, (usize, usize)>>,
     /// Bumped whenever a copy is confirmed, so a waiting aggregator wakes at once.
     copy_confirmed: tokio::sync::watch::Sender<u64>,
     eval: Option<Dataset>,
@@ -194,7 +199,7 @@ impl Jobs {
             .get_or_insert_with(|| u64::from_str_radix(&id[..16], 16).unwrap_or(0));
         let model_hash = match &spec.initial_model {
             Some(hash) => {
-                let bytes = self.ctx.get_blob(hash, &[]).await?;
+                let bytes = self.ctx.get_blob(hash, &[], MODEL_LIMIT).await?;
                 let model = Model::from_safetensors(&bytes)
                     .map_err(|e| JobError::Invalid(format!("initial_model: {e}")))?;
                 if model.architecture() != &arch {
@@ -212,7 +217,9 @@ impl Jobs {
                     .map_err(|e| JobError::Invalid(e.to_string()))?;
                 let hash = self.ctx.put_blob(bytes).await?;
                 // Others copy it now, so the job does not depend on this node staying up.
-                self.ctx.announce_model(&id, &hash, Duration::ZERO).await;
+                self.ctx
+                    .announce_model(&id, &hash, vec![], vec![], Duration::ZERO)
+                    .await;
                 hash
             }
         };
@@ -290,7 +297,7 @@ impl Jobs {
 
     /// The bytes of a model (or any blob) by hash, fetched from the mesh if needed.
     pub async fn model_bytes(&self, hash: &str) -> Result<Vec<u8>, JobError> {
-        self.ctx.get_blob(hash, &[]).await
+        self.ctx.get_blob(hash, &[], MODEL_LIMIT).await
     }
 
     /// Recomputes committed rounds (all, or just `round`) from the signed update blobs and
@@ -341,7 +348,7 @@ impl Jobs {
     ) -> Result<String, String> {
         let base_bytes = self
             .ctx
-            .get_blob(&r.base_model, &[])
+            .get_blob(&r.base_model, &[], MODEL_LIMIT)
             .await
             .map_err(|e| format!("base model: {e}"))?;
         let base = Model::from_safetensors(&base_bytes).map_err(|e| format!("base model: {e}"))?;
@@ -414,17 +421,28 @@ impl Ctx {
         })
     }
 
-    /// Asks every node to copy a new model, then waits (up to `wait`) until another node says
-    /// it holds it. Returns whether one did.
-    async fn announce_model(&self, job_id: &str, hash: &str, wait: Duration) -> bool {
+    /// Asks every node to copy a new model, and the nodes in `also_to` (empty: all) to copy
+    /// the blobs in `also` too, then waits (up to `wait`) until another node says it holds
+    /// the model and one says it holds all of them. Returns whether that happened.
+    async fn announce_model(
+        &self,
+        job_id: &str,
+        hash: &str,
+        also: Vec<String>,
+        also_to: Vec<NodeId>,
+        wait: Duration,
+    ) -> bool {
         if let Ok(mut copies) = self.copies.lock() {
-            copies.insert(hash.to_string(), 0);
+            copies.insert(hash.to_string(), (0, 0));
         }
+        let need_also = !also.is_empty();
         let mut confirmed = self.copy_confirmed.subscribe();
         let notice = ModelNotice {
             job_id: job_id.to_string(),
             model_hash: hash.to_string(),
             have: false,
+            also,
+            also_to,
         };
         let data = serde_json::to_vec(&notice).unwrap_or_default();
         if let Err(e) = self.net.publish(MODELS_TOPIC.to_string(), data).await {
@@ -432,11 +450,11 @@ impl Ctx {
         }
         let deadline = tokio::time::Instant::now() + wait;
         let copied = loop {
-            let n = self
+            let (model, with_also) = self
                 .copies
                 .lock()
-                .map_or(0, |c| c.get(hash).copied().unwrap_or(0));
-            if n > 0 {
+                .map_or((0, 0), |c| c.get(hash).copied().unwrap_or((0, 0)));
+            if model > 0 && (!need_also || with_also > 0) {
                 break true;
             }
             match tokio::time::timeout_at(deadline, confirmed.changed()).await {
@@ -452,11 +470,20 @@ impl Ctx {
 
     /// Copies a model another node announced, and says so.
     async fn copy_model(&self, n: ModelNotice, from: Option<PeerId>) {
-        if let Err(e) = self.get_blob(&n.model_hash, from.as_slice()).await {
-            tracing::debug!(model = %n.model_hash, error = %e, "copying a new model");
-            return;
+        let asked = n.also_to.is_empty() || n.also_to.contains(&self.node_id);
+        let also = if asked { n.also.clone() } else { vec![] };
+        for hash in std::iter::once(&n.model_hash).chain(&also) {
+            if let Err(e) = self.get_blob(hash, from.as_slice(), MODEL_LIMIT).await {
+                tracing::debug!(blob = %hash, error = %e, "copying a new model");
+                return;
+            }
         }
-        let have = ModelNotice { have: true, ..n };
+        let have = ModelNotice {
+            have: true,
+            also,
+            also_to: vec![],
+            ..n
+        };
         let data = serde_json::to_vec(&have).unwrap_or_default();
         if let Err(e) = self.net.publish(MODELS_TOPIC.to_string(), data).await {
             tracing::debug!(error = %e, "confirming a model copy");
@@ -486,25 +513,28 @@ impl Ctx {
     }
 
     /// A blob's bytes, fetched from the mesh if not held here (from `hints` first: peers that
-    /// should hold it). Only for model-sized blobs.
-    async fn get_blob(&self, hash: &str, hints: &[PeerId]) -> Result<Vec<u8>, JobError> {
+    /// should hold it), refusing one larger than `max` bytes before fetching it.
+    async fn get_blob(&self, hash: &str, hints: &[PeerId], max: u64) -> Result<Vec<u8>, JobError> {
         let h: BlobHash =
             hash.parse()
                 .map_err(|e: agentmesh_protocols::blob::ParseHashError| {
                     JobError::Invalid(e.to_string())
                 })?;
-        tokio::time::timeout(FETCH_TIMEOUT, self.fetcher.fetch_hinted(h, hints))
-            .await
-            .map_err(|_| JobError::Blob(format!("{hash}: not fetched within {FETCH_TIMEOUT:?}")))?
-            .map_err(|e| JobError::Blob(e.to_string()))?;
+        tokio::time::timeout(
+            FETCH_TIMEOUT,
+            self.fetcher.fetch_hinted(h, hints, Some(max)),
+        )
+        .await
+        .map_err(|_| JobError::Blob(format!("{hash}: not fetched within {FETCH_TIMEOUT:?}")))?
+        .map_err(|e| JobError::Blob(e.to_string()))?;
         let path = self.store.path(&h);
         let len = tokio::fs::metadata(&path)
             .await
             .map_err(|e| JobError::Blob(format!("{hash}: {e}")))?
             .len();
-        if len > agentmesh_federated::MAX_MODEL_FILE_SIZE as u64 {
+        if len > max {
             return Err(JobError::Blob(format!(
-                "{hash}: {len} bytes is larger than any model"
+                "{hash}: {len} bytes is larger than the {max} expected"
             )));
         }
         tokio::fs::read(&path)
@@ -521,8 +551,10 @@ impl Ctx {
         arch: &agentmesh_federated::Architecture,
     ) -> Result<Vec<f32>, String> {
         let hint = self.peer_of(author);
+        // An update is exactly as large as the model: never download more than that.
+        let max = (arch.num_params() * 4) as u64 + HEADER_ALLOWANCE;
         let bytes = self
-            .get_blob(hash, hint.as_slice())
+            .get_blob(hash, hint.as_slice(), max)
             .await
             .map_err(|e| e.to_string())?;
         let (found, params, content) =
@@ -552,7 +584,8 @@ async fn listen(ctx: Arc<Ctx>) {
                         Ok(n) if n.have => {
                             if let Ok(mut copies) = ctx.copies.lock() {
                                 if let Some(c) = copies.get_mut(&n.model_hash) {
-                                    *c += 1;
+                                    c.0 += 1;
+                                    c.1 += usize::from(!n.also.is_empty());
                                     ctx.copy_confirmed.send_modify(|n| *n += 1);
                                 }
                             }

@@ -20,8 +20,11 @@ const SIGNING_DOMAIN: &[u8] = b"agentmesh/update/v1\0";
 
 /// A participant's signed claim: "for this job and round, from this base model, my update is
 /// the blob with this hash, trained on this many examples".
+///
+/// Unknown fields are ignored (they are not signed, so they can carry nothing that counts):
+/// optional fields can be added without a version change, and older nodes still read newer
+/// announcements.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Announcement {
     /// Format version.
     pub v: u32,
@@ -47,9 +50,9 @@ pub struct Announcement {
     pub signature: String,
 }
 
-/// A participant's own account of its round, in seconds.
+/// A participant's own account of its round, in seconds. Unknown fields are ignored, so
+/// fields can be added without breaking older nodes.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct UpdateTiming {
     /// Fetching and loading the base model.
     pub model_fetch_secs: f64,
@@ -183,9 +186,12 @@ impl Announcement {
     }
 }
 
-/// "Copy this model": sent by the aggregator before it commits a round.
+/// Most blobs a model notice may ask to copy besides the model.
+pub const MAX_NOTICE_ALSO: usize = 4;
+
+/// "Copy this model": sent by the aggregator before it commits a round. Unknown fields are
+/// ignored, so fields can be added without breaking older nodes.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct ModelNotice {
     /// The job.
     pub job_id: String,
@@ -194,6 +200,13 @@ pub struct ModelNotice {
     /// `false`: "copy this model" (from the aggregator); `true`: "I hold it now" (the answer).
     #[serde(default)]
     pub have: bool,
+    /// Other blobs to copy with the model: the aggregator's own update, which no other node
+    /// fetched and which `job verify` needs once the aggregator is gone.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub also: Vec<String>,
+    /// The nodes (Raft ids) asked to copy `also`; empty: every node.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub also_to: Vec<u64>,
 }
 
 impl ModelNotice {
@@ -202,7 +215,16 @@ impl ModelNotice {
         if bytes.len() > MAX_ANNOUNCEMENT_SIZE {
             return Err(AnnouncementError::TooLarge(bytes.len()));
         }
-        serde_json::from_slice(bytes).map_err(|e| AnnouncementError::Malformed(e.to_string()))
+        let n: Self = serde_json::from_slice(bytes)
+            .map_err(|e| AnnouncementError::Malformed(e.to_string()))?;
+        if n.also.len() > MAX_NOTICE_ALSO || n.also_to.len() > MAX_NOTICE_ALSO {
+            return Err(AnnouncementError::Malformed(format!(
+                "{} extra blobs to copy by {} nodes, at most {MAX_NOTICE_ALSO} of each",
+                n.also.len(),
+                n.also_to.len()
+            )));
+        }
+        Ok(n)
     }
 }
 
@@ -234,6 +256,31 @@ mod tests {
             }),
             signature: hex::encode(sig),
         }
+    }
+
+    #[test]
+    fn model_notices_bound_their_extra_blobs() {
+        let n = ModelNotice {
+            job_id: "j".into(),
+            model_hash: "m".into(),
+            have: false,
+            also: vec!["u".into()],
+            also_to: vec![2, 3],
+        };
+        let bytes = serde_json::to_vec(&n).unwrap();
+        assert_eq!(ModelNotice::decode(&bytes).unwrap(), n);
+        // Older notices (no extras) and newer fields both decode.
+        let old = br#"{"job_id":"j","model_hash":"m","have":true,"later":1}"#;
+        assert!(ModelNotice::decode(old).unwrap().also.is_empty());
+        let many = ModelNotice {
+            also: vec!["u".into(); MAX_NOTICE_ALSO + 1],
+            ..n
+        };
+        let bytes = serde_json::to_vec(&many).unwrap();
+        assert!(matches!(
+            ModelNotice::decode(&bytes),
+            Err(AnnouncementError::Malformed(_))
+        ));
     }
 
     #[test]

@@ -49,6 +49,11 @@ async fn the_job_survives_its_leader_being_killed() -> Result<()> {
         .cloned();
     let last: &Value = last.as_ref().context("no rounds")?;
     assert_eq!(last["participants"], 4, "{last}");
+    // The rounds the dead leader aggregated used its own update too, which no other node
+    // fetched: it went with the model to another node, so they still recompute.
+    let verify = survivor.cli(&["job", "verify", &id, "--json"])?;
+    let v: Value = serde_json::from_str(&agentmesh_tests::ok_stdout(&verify)?)?;
+    assert_eq!(v["ok"], true, "{v}");
     Ok(())
 }
 

@@ -34,6 +34,8 @@ const BUSY_PAUSE: std::time::Duration = std::time::Duration::from_millis(200);
 const SUSPECT_MANIFEST_AFTER: usize = 2;
 /// Attempts with a fresh manifest when the assembled blob does not match its hash.
 const MANIFEST_ATTEMPTS: usize = 3;
+/// How long the hinted providers get before Kademlia is asked.
+const HINTED_PASS: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Why a fetch failed. The partial data stays on disk unless said otherwise.
 #[derive(Debug, thiserror::Error)]
@@ -174,17 +176,24 @@ impl Fetcher {
     /// Makes sure the blob is held locally, fetching it if needed. Concurrent
     /// fetches of one blob are serialised; the second finds it complete.
     pub async fn fetch(&self, hash: BlobHash) -> Result<FetchReport, FetchError> {
-        self.fetch_hinted(hash, &[]).await
+        self.fetch_hinted(hash, &[], None).await
     }
 
     /// Like [`fetch`](Self::fetch), trying `hints` (peers that should hold the blob, such as
     /// the node that just announced it) before asking Kademlia; if they cannot serve it, the
-    /// providers come from Kademlia as usual.
+    /// providers come from Kademlia as usual. `max_size` lowers the store's blob size limit
+    /// for this fetch (a caller that knows how large the blob should be).
     pub async fn fetch_hinted(
         &self,
         hash: BlobHash,
         hints: &[PeerId],
+        max_size: Option<u64>,
     ) -> Result<FetchReport, FetchError> {
+        let limit = max_size.map_or(self.store.max_blob_size(), |m| {
+            m.min(self.store.max_blob_size())
+        });
+        let local = self.net.local_peer_id();
+        let hints: Vec<PeerId> = hints.iter().copied().filter(|p| *p != local).collect();
         let lock = {
             let mut locks = self
                 .locks
@@ -200,12 +209,25 @@ impl Fetcher {
                 fetcher: self,
                 hash,
             };
-            match self.fetch_locked(hash, hints).await {
-                Err(e) if !hints.is_empty() => {
-                    tracing::debug!(%hash, error = %e, "hinted providers failed; asking Kademlia");
-                    self.fetch_locked(hash, &[]).await
+            if hints.is_empty() {
+                self.fetch_locked(hash, &[], limit).await
+            } else {
+                // A hinted peer that hangs must not hold the fetch for the whole request
+                // timeout: verified chunks are kept, so the second pass resumes.
+                let hinted =
+                    tokio::time::timeout(HINTED_PASS, self.fetch_locked(hash, &hints, limit)).await;
+                match hinted {
+                    Ok(Err(e @ FetchError::TooLarge { .. })) => Err(e),
+                    Ok(Ok(r)) => Ok(r),
+                    Ok(Err(e)) => {
+                        tracing::debug!(%hash, error = %e, "hinted providers failed; asking Kademlia");
+                        self.fetch_locked(hash, &[], limit).await
+                    }
+                    Err(_) => {
+                        tracing::debug!(%hash, "hinted providers timed out; asking Kademlia");
+                        self.fetch_locked(hash, &[], limit).await
+                    }
                 }
-                r => r,
             }
         };
         if let Ok(mut locks) = self.locks.lock() {
@@ -220,6 +242,7 @@ impl Fetcher {
         &self,
         hash: BlobHash,
         hints: &[PeerId],
+        limit: u64,
     ) -> Result<FetchReport, FetchError> {
         let started = Instant::now();
         let mut report = FetchReport {
@@ -232,10 +255,10 @@ impl Fetcher {
             report.already_local = true;
             return Ok(report);
         }
-        let local = self.net.local_peer_id();
-        let providers = match hints.iter().filter(|p| **p != local).collect::<Vec<_>>() {
-            h if h.is_empty() => self.net.get_providers(hash).await?,
-            h => h.into_iter().copied().collect(),
+        let providers = if hints.is_empty() {
+            self.net.get_providers(hash).await?
+        } else {
+            hints.to_vec()
         };
         if providers.is_empty() {
             return Err(FetchError::NoProviders(hash));
@@ -253,12 +276,12 @@ impl Fetcher {
                     (m, Some(from))
                 }
             };
-            if manifest.size > self.store.max_blob_size() {
+            if manifest.size > limit {
                 self.store.discard_partial(&hash).await?;
                 return Err(FetchError::TooLarge {
                     hash,
                     size: manifest.size,
-                    limit: self.store.max_blob_size(),
+                    limit,
                 });
             }
             report.size = manifest.size;

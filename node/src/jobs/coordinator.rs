@@ -35,7 +35,7 @@ struct Collecting {
     /// Number of the next announcement to look at in the job's inbox.
     processed: usize,
     /// Accepted-so-far announcements, by participant, with their update fetch.
-    pending: BTreeMap<NodeId, (UsedUpdate, Option<f64>, UpdateCheck)>,
+    pending: BTreeMap<NodeId, Pending>,
     /// Checked updates, by participant.
     valid: BTreeMap<NodeId, (UsedUpdate, Option<f64>, Vec<f32>)>,
     /// Refused announcements.
@@ -45,11 +45,21 @@ struct Collecting {
     /// This node's commit of the round's start, if it made it: how long it took, and when it
     /// returned (unix ms).
     started: Option<Started>,
-    /// The latest accepted announcement: when it arrived (unix ms) and what its sender said
-    /// about its own time.
+    /// The latest-announced update found valid: when its announcement arrived (unix ms) and
+    /// what its sender said about its own time.
     last: Option<(u64, Option<UpdateTiming>)>,
     /// When the round was closed (unix ms).
     closed_at_ms: u64,
+}
+
+/// An announced update being fetched and checked.
+struct Pending {
+    used: UsedUpdate,
+    train_loss: Option<f64>,
+    /// When the announcement arrived (unix ms).
+    arrived_ms: u64,
+    timing: Option<UpdateTiming>,
+    check: UpdateCheck,
 }
 
 /// A round start this node committed.
@@ -64,17 +74,23 @@ struct Started {
 /// Runs forever; acts only while this node leads.
 pub(super) async fn run(ctx: Arc<Ctx>) {
     let mut open: HashMap<String, Collecting> = HashMap::new();
-    let mut closing: HashMap<String, JoinHandle<()>> = HashMap::new();
+    // Per job, the round and attempt being closed, and the task closing it.
+    let mut closing: HashMap<String, (u32, u32, JoinHandle<()>)> = HashMap::new();
     let mut started: HashMap<String, Started> = HashMap::new();
     let mut leader_since: Option<Instant> = None;
     // Closing tasks report here when their result is committed, so the next round opens at once.
-    let (closed_tx, mut closed_rx) = mpsc::unbounded_channel::<String>();
+    let (closed_tx, mut closed_rx) = mpsc::unbounded_channel::<(String, u32, u32)>();
     loop {
         tokio::select! {
             _ = tokio::time::sleep(TICK) => {}
             _ = ctx.wake.notified() => {}
-            Some(job_id) = closed_rx.recv() => {
-                closing.remove(&job_id);
+            Some((job_id, round, attempt)) = closed_rx.recv() => {
+                if closing
+                    .get(&job_id)
+                    .is_some_and(|c| (c.0, c.1) == (round, attempt))
+                {
+                    closing.remove(&job_id);
+                }
             }
         }
         if !ctx.cluster.is_leader() {
@@ -84,7 +100,7 @@ pub(super) async fn run(ctx: Arc<Ctx>) {
             continue;
         }
         leader_since.get_or_insert_with(Instant::now);
-        closing.retain(|_, h| !h.is_finished());
+        closing.retain(|_, c| !c.2.is_finished());
         let jobs: Vec<JobRecord> = match ctx.cluster.read(|s| {
             s.jobs
                 .values()
@@ -147,15 +163,16 @@ pub(super) async fn run(ctx: Arc<Ctx>) {
                         c.closed_at_ms = unix_now_ms();
                         let (ctx, job_id, current) = (ctx.clone(), job.id.clone(), current.clone());
                         let closed = closed_tx.clone();
+                        let (round, attempt) = (current.round, current.attempt);
                         closing.insert(
                             job.id.clone(),
-                            tokio::spawn(async move {
+                            (round, attempt, tokio::spawn(async move {
                                 if let Err(e) = close_round(&ctx, &job_id, &spec, &current, c).await
                                 {
                                     tracing::warn!(job = %job_id, error = %e, "closing a round");
                                 }
-                                let _ = closed.send(job_id);
-                            }),
+                                let _ = closed.send((job_id, round, attempt));
+                            })),
                         );
                     }
                 }
@@ -355,7 +372,7 @@ async fn collect(
             .valid
             .get(&a.node_id)
             .map(|v| &v.0)
-            .or_else(|| c.pending.get(&a.node_id).map(|p| &p.0));
+            .or_else(|| c.pending.get(&a.node_id).map(|p| &p.used));
         if let Some(u) = known {
             if u.update_hash != a.update_hash {
                 reject(c, "a second, different update from this participant".into());
@@ -384,29 +401,38 @@ async fn collect(
             fetch_ctx.wake.notify_one();
             checked
         });
-        c.pending.insert(a.node_id, (used, a.train_loss, handle));
-        if c.last.is_none_or(|(at, _)| at <= r.at_ms) {
-            c.last = Some((r.at_ms, a.timing));
-        }
+        c.pending.insert(
+            a.node_id,
+            Pending {
+                used,
+                train_loss: a.train_loss,
+                arrived_ms: r.at_ms,
+                timing: a.timing,
+                check: handle,
+            },
+        );
     }
     // Harvest finished fetches.
     let finished: Vec<NodeId> = c
         .pending
         .iter()
-        .filter(|(_, p)| p.2.is_finished())
+        .filter(|(_, p)| p.check.is_finished())
         .map(|(id, _)| *id)
         .collect();
     for id in finished {
-        let Some((used, loss, handle)) = c.pending.remove(&id) else {
+        let Some(p) = c.pending.remove(&id) else {
             continue;
         };
-        let verdict = match handle.await {
+        let verdict = match p.check.await {
             Ok(v) => v,
             Err(e) => Err(format!("checking the update: {e}")),
         };
         match verdict {
             Ok(delta) => {
-                c.valid.insert(id, (used, loss, delta));
+                c.valid.insert(id, (p.used, p.train_loss, delta));
+                if c.last.is_none_or(|(at, _)| at <= p.arrived_ms) {
+                    c.last = Some((p.arrived_ms, p.timing));
+                }
             }
             Err(reason) => {
                 tracing::info!(job = %job_id, node = %fmt_node_id(id), %reason, "update rejected");
@@ -428,8 +454,8 @@ async fn close_round(
     current: &RoundStart,
     mut c: Collecting,
 ) -> Result<(), String> {
-    for (id, (_, _, handle)) in std::mem::take(&mut c.pending) {
-        handle.abort();
+    for (id, p) in std::mem::take(&mut c.pending) {
+        p.check.abort();
         c.rejected.push(RejectedUpdate {
             node_id: id,
             reason: "update not fetched before the deadline".into(),
@@ -500,7 +526,7 @@ async fn aggregate(
     record: &mut RoundRecord,
 ) -> Result<(), String> {
     let base_bytes = ctx
-        .get_blob(&current.base_model, &[])
+        .get_blob(&current.base_model, &[], super::MODEL_LIMIT)
         .await
         .map_err(|e| format!("base model: {e}"))?;
     let base = Model::from_safetensors(&base_bytes).map_err(|e| format!("base model: {e}"))?;
@@ -530,8 +556,8 @@ async fn aggregate(
         .await
         .map_err(|e| format!("aggregation task: {e}"))??;
     if let Some(t) = record.timing.as_mut() {
-        t.aggregate = aggregate_secs;
-        t.evaluate = evaluate_secs;
+        t.aggregate = Some(aggregate_secs);
+        t.evaluate = Some(evaluate_secs);
     }
     let publishing = Instant::now();
     record.selected = outcome
@@ -547,11 +573,31 @@ async fn aggregate(
         .cluster
         .read(|s| s.active_members().count() > 1)
         .unwrap_or(false);
-    if others && !ctx.announce_model(job_id, &hash, REPLICATE_TIMEOUT).await {
-        return Err("no other node copied the new model in time".into());
-    }
+    // Our own update, if used, lives only here (the others' were fetched by us): it goes
+    // with the model, so the round stays verifiable without us.
+    let own: Vec<String> = c
+        .valid
+        .get(&ctx.node_id)
+        .map(|v| v.0.update_hash.clone())
+        .into_iter()
+        .collect();
+    // Two other participants that just sent updates (so were alive) keep it; none: everyone.
+    let keepers: Vec<NodeId> = c
+        .valid
+        .keys()
+        .copied()
+        .filter(|id| *id != ctx.node_id)
+        .take(2)
+        .collect();
+    let copied = !others
+        || ctx
+            .announce_model(job_id, &hash, own, keepers, REPLICATE_TIMEOUT)
+            .await;
     if let Some(t) = record.timing.as_mut() {
-        t.model_publish = publishing.elapsed().as_secs_f64();
+        t.model_publish = Some(publishing.elapsed().as_secs_f64());
+    }
+    if !copied {
+        return Err("no other node copied the new model in time".into());
     }
     record.model_hash = Some(hash);
     if let Some(e) = evaluation {

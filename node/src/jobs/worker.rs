@@ -154,7 +154,11 @@ async fn train_round(
     }
     let fetching = Instant::now();
     let bytes = ctx
-        .get_blob(&start.base_model, ctx.leader_peer().as_slice())
+        .get_blob(
+            &start.base_model,
+            ctx.leader_peer().as_slice(),
+            super::MODEL_LIMIT,
+        )
         .await
         .map_err(|e| format!("base model: {e}"))?;
     let global = Model::from_safetensors(&bytes).map_err(|e| format!("base model: {e}"))?;

@@ -148,7 +148,7 @@ struct ClusterResult {
     rounds: Vec<Split>,
     /// The same local training in this process, machine otherwise idle (median of 3).
     train_alone: f64,
-    /// Mean training time over every participant's rounds, as they reported it.
+    /// The whole job, from submitting it to seeing it done.
     job_secs: f64,
     accuracy: f64,
 }
@@ -301,7 +301,7 @@ fn report(results: &[ClusterResult]) -> String {
     });
     row(
         &mut s,
-        "  Raft+gossip: participants learn of it; sign, announce",
+        "  Raft+gossip: participants learn of it; update announced",
         &|x| x.learn_and_announce,
     );
     row(&mut s, "  transfer: participant fetches the model", &|x| {

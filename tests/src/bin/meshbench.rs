@@ -1079,7 +1079,6 @@ impl Table {
     }
 }
 
-/// Median of unsorted values.
 /// Nearest-rank percentile of sorted values.
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
