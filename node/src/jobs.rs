@@ -472,8 +472,14 @@ impl Ctx {
     async fn copy_model(&self, n: ModelNotice, from: Option<PeerId>) {
         let asked = n.also_to.is_empty() || n.also_to.contains(&self.node_id);
         let also = if asked { n.also.clone() } else { vec![] };
-        for hash in std::iter::once(&n.model_hash).chain(&also) {
-            if let Err(e) = self.get_blob(hash, from.as_slice(), MODEL_LIMIT).await {
+        let copies = std::iter::once(&n.model_hash)
+            .chain(&also)
+            .map(|hash| self.get_blob(hash, from.as_slice(), MODEL_LIMIT));
+        for (hash, copied) in std::iter::once(&n.model_hash)
+            .chain(&also)
+            .zip(futures::future::join_all(copies).await)
+        {
+            if let Err(e) = copied {
                 tracing::debug!(blob = %hash, error = %e, "copying a new model");
                 return;
             }
