@@ -133,8 +133,7 @@ pub struct Ctx {
     node_id: NodeId,
     inbox: Mutex<Inbox>,
     /// Copies other nodes confirmed, for the models this node is waiting on.
-    /// For each: (copies of the model, copies that include the extra blobs).
-    copies: Mutex<HashMap<String, (usize, usize)>>,
+    copies: Mutex<HashMap<String, usize>>,
     /// Bumped whenever a copy is confirmed, so a waiting aggregator wakes at once.
     copy_confirmed: tokio::sync::watch::Sender<u64>,
     eval: Option<Dataset>,
@@ -218,7 +217,7 @@ impl Jobs {
                 let hash = self.ctx.put_blob(bytes).await?;
                 // Others copy it now, so the job does not depend on this node staying up.
                 self.ctx
-                    .announce_model(&id, &hash, vec![], vec![], Duration::ZERO)
+                    .announce_model(&id, &hash, vec![], Duration::ZERO)
                     .await;
                 hash
             }
@@ -421,28 +420,25 @@ impl Ctx {
         })
     }
 
-    /// Asks every node to copy a new model, and the nodes in `also_to` (empty: all) to copy
-    /// the blobs in `also` too, then waits (up to `wait`) until another node says it holds
-    /// the model and one says it holds all of them. Returns whether that happened.
+    /// Asks the nodes in `to` (empty: every node) to copy a blob a job needs kept (a new
+    /// model, or the aggregator's own update), then waits (up to `wait`) until another node
+    /// says it holds it. Returns whether one did.
     async fn announce_model(
         &self,
         job_id: &str,
         hash: &str,
-        also: Vec<String>,
-        also_to: Vec<NodeId>,
+        to: Vec<NodeId>,
         wait: Duration,
     ) -> bool {
         if let Ok(mut copies) = self.copies.lock() {
-            copies.insert(hash.to_string(), (0, 0));
+            copies.insert(hash.to_string(), 0);
         }
-        let need_also = !also.is_empty();
         let mut confirmed = self.copy_confirmed.subscribe();
         let notice = ModelNotice {
             job_id: job_id.to_string(),
             model_hash: hash.to_string(),
             have: false,
-            also,
-            also_to,
+            to,
         };
         let data = serde_json::to_vec(&notice).unwrap_or_default();
         if let Err(e) = self.net.publish(MODELS_TOPIC.to_string(), data).await {
@@ -450,11 +446,11 @@ impl Ctx {
         }
         let deadline = tokio::time::Instant::now() + wait;
         let copied = loop {
-            let (model, with_also) = self
+            let n = self
                 .copies
                 .lock()
-                .map_or((0, 0), |c| c.get(hash).copied().unwrap_or((0, 0)));
-            if model > 0 && (!need_also || with_also > 0) {
+                .map_or(0, |c| c.get(hash).copied().unwrap_or(0));
+            if n > 0 {
                 break true;
             }
             match tokio::time::timeout_at(deadline, confirmed.changed()).await {
@@ -470,24 +466,19 @@ impl Ctx {
 
     /// Copies a model another node announced, and says so.
     async fn copy_model(&self, n: ModelNotice, from: Option<PeerId>) {
-        let asked = n.also_to.is_empty() || n.also_to.contains(&self.node_id);
-        let also = if asked { n.also.clone() } else { vec![] };
-        let copies = std::iter::once(&n.model_hash)
-            .chain(&also)
-            .map(|hash| self.get_blob(hash, from.as_slice(), MODEL_LIMIT));
-        for (hash, copied) in std::iter::once(&n.model_hash)
-            .chain(&also)
-            .zip(futures::future::join_all(copies).await)
+        if !n.to.is_empty() && !n.to.contains(&self.node_id) {
+            return;
+        }
+        if let Err(e) = self
+            .get_blob(&n.model_hash, from.as_slice(), MODEL_LIMIT)
+            .await
         {
-            if let Err(e) = copied {
-                tracing::debug!(blob = %hash, error = %e, "copying a new model");
-                return;
-            }
+            tracing::debug!(blob = %n.model_hash, error = %e, "copying a blob a job needs kept");
+            return;
         }
         let have = ModelNotice {
             have: true,
-            also,
-            also_to: vec![],
+            to: vec![],
             ..n
         };
         let data = serde_json::to_vec(&have).unwrap_or_default();
@@ -590,8 +581,7 @@ async fn listen(ctx: Arc<Ctx>) {
                         Ok(n) if n.have => {
                             if let Ok(mut copies) = ctx.copies.lock() {
                                 if let Some(c) = copies.get_mut(&n.model_hash) {
-                                    c.0 += 1;
-                                    c.1 += usize::from(!n.also.is_empty());
+                                    *c += 1;
                                     ctx.copy_confirmed.send_modify(|n| *n += 1);
                                 }
                             }

@@ -186,11 +186,12 @@ impl Announcement {
     }
 }
 
-/// Most blobs a model notice may ask to copy besides the model.
-pub const MAX_NOTICE_ALSO: usize = 4;
+/// Most nodes a copy request may name.
+pub const MAX_NOTICE_TO: usize = 8;
 
-/// "Copy this model": sent by the aggregator before it commits a round. Unknown fields are
-/// ignored, so fields can be added without breaking older nodes.
+/// "Copy this model" (or another blob a round needs kept): sent by the aggregator before it
+/// commits a round. Unknown fields are ignored, so fields can be added without breaking older
+/// nodes.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ModelNotice {
     /// The job.
@@ -200,13 +201,11 @@ pub struct ModelNotice {
     /// `false`: "copy this model" (from the aggregator); `true`: "I hold it now" (the answer).
     #[serde(default)]
     pub have: bool,
-    /// Other blobs to copy with the model: the aggregator's own update, which no other node
-    /// fetched and which `job verify` needs once the aggregator is gone.
+    /// The nodes (Raft ids) asked to copy it; empty: every node. The aggregator's own
+    /// update, which no other node fetches and which `job verify` needs once the aggregator
+    /// is gone, goes to a few participants only.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub also: Vec<String>,
-    /// The nodes (Raft ids) asked to copy `also`; empty: every node.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub also_to: Vec<u64>,
+    pub to: Vec<u64>,
 }
 
 impl ModelNotice {
@@ -217,11 +216,10 @@ impl ModelNotice {
         }
         let n: Self = serde_json::from_slice(bytes)
             .map_err(|e| AnnouncementError::Malformed(e.to_string()))?;
-        if n.also.len() > MAX_NOTICE_ALSO || n.also_to.len() > MAX_NOTICE_ALSO {
+        if n.to.len() > MAX_NOTICE_TO {
             return Err(AnnouncementError::Malformed(format!(
-                "{} extra blobs to copy by {} nodes, at most {MAX_NOTICE_ALSO} of each",
-                n.also.len(),
-                n.also_to.len()
+                "a copy request for {} nodes, at most {MAX_NOTICE_TO}",
+                n.to.len()
             )));
         }
         Ok(n)
@@ -259,21 +257,20 @@ mod tests {
     }
 
     #[test]
-    fn model_notices_bound_their_extra_blobs() {
+    fn model_notices_bound_the_nodes_they_name() {
         let n = ModelNotice {
             job_id: "j".into(),
             model_hash: "m".into(),
             have: false,
-            also: vec!["u".into()],
-            also_to: vec![2, 3],
+            to: vec![2, 3],
         };
         let bytes = serde_json::to_vec(&n).unwrap();
         assert_eq!(ModelNotice::decode(&bytes).unwrap(), n);
-        // Older notices (no extras) and newer fields both decode.
+        // Older notices (for everyone) and newer fields both decode.
         let old = br#"{"job_id":"j","model_hash":"m","have":true,"later":1}"#;
-        assert!(ModelNotice::decode(old).unwrap().also.is_empty());
+        assert!(ModelNotice::decode(old).unwrap().to.is_empty());
         let many = ModelNotice {
-            also: vec!["u".into(); MAX_NOTICE_ALSO + 1],
+            to: vec![1; MAX_NOTICE_TO + 1],
             ..n
         };
         let bytes = serde_json::to_vec(&many).unwrap();

@@ -50,6 +50,10 @@ struct Collecting {
     last: Option<(u64, Option<UpdateTiming>)>,
     /// When the round was closed (unix ms).
     closed_at_ms: u64,
+    /// Our own update's hash, and the task asking two other participants to keep it (no
+    /// other node fetches it, and `job verify` needs it once we are gone). Started as soon
+    /// as the update is accepted, so it is done by the time the round closes.
+    own_copy: Option<(String, JoinHandle<bool>)>,
 }
 
 /// An announced update being fetched and checked.
@@ -194,6 +198,7 @@ impl Collecting {
             started: started.filter(|s| s.round == c.round && s.attempt == c.attempt),
             last: None,
             closed_at_ms: 0,
+            own_copy: None,
         }
     }
 
@@ -429,6 +434,9 @@ async fn collect(
         };
         match verdict {
             Ok(delta) => {
+                if id == ctx.node_id {
+                    c.own_copy = keep_own_update(ctx, job_id, current, c, &p.used.update_hash);
+                }
                 c.valid.insert(id, (p.used, p.train_loss, delta));
                 if c.last.is_none_or(|(at, _)| at <= p.arrived_ms) {
                     c.last = Some((p.arrived_ms, p.timing));
@@ -444,6 +452,31 @@ async fn collect(
             }
         }
     }
+}
+
+/// Asks two other participants (those already heard from first) to copy our own update.
+fn keep_own_update(
+    ctx: &Arc<Ctx>,
+    job_id: &str,
+    current: &RoundStart,
+    c: &Collecting,
+    hash: &str,
+) -> Option<(String, JoinHandle<bool>)> {
+    let mut keepers: Vec<NodeId> = Vec::new();
+    for id in c.valid.keys().chain(&current.participants) {
+        if *id != ctx.node_id && !keepers.contains(id) && keepers.len() < 2 {
+            keepers.push(*id);
+        }
+    }
+    if keepers.is_empty() {
+        return None;
+    }
+    let (ctx, job_id, h) = (ctx.clone(), job_id.to_string(), hash.to_string());
+    let task = tokio::spawn(async move {
+        ctx.announce_model(&job_id, &h, keepers, REPLICATE_TIMEOUT)
+            .await
+    });
+    Some((hash.to_string(), task))
 }
 
 /// Closes a round: aggregate what is valid, or fail the round visibly.
@@ -500,7 +533,8 @@ async fn close_round(
             c.rejected.len()
         ))
     } else {
-        aggregate(ctx, job_id, spec, current, &c, &mut record).await
+        let own_copy = c.own_copy.take();
+        aggregate(ctx, job_id, spec, current, &c, own_copy, &mut record).await
     };
     if let Err(reason) = outcome {
         tracing::warn!(job = %job_id, round = current.round, %reason, "round failed");
@@ -523,6 +557,7 @@ async fn aggregate(
     spec: &JobSpec,
     current: &RoundStart,
     c: &Collecting,
+    own_copy: Option<(String, JoinHandle<bool>)>,
     record: &mut RoundRecord,
 ) -> Result<(), String> {
     let base_bytes = ctx
@@ -573,31 +608,43 @@ async fn aggregate(
         .cluster
         .read(|s| s.active_members().count() > 1)
         .unwrap_or(false);
-    // Our own update, if used, lives only here (the others' were fetched by us): it goes
-    // with the model, so the round stays verifiable without us.
-    let own: Vec<String> = c
-        .valid
-        .get(&ctx.node_id)
-        .map(|v| v.0.update_hash.clone())
-        .into_iter()
-        .collect();
-    // Two other participants that just sent updates (so were alive) keep it; none: everyone.
-    let keepers: Vec<NodeId> = c
-        .valid
-        .keys()
-        .copied()
-        .filter(|id| *id != ctx.node_id)
-        .take(2)
-        .collect();
-    let copied = !others
-        || ctx
-            .announce_model(job_id, &hash, own, keepers, REPLICATE_TIMEOUT)
-            .await;
+    // Our own update, if used, lives only here (the others' were fetched by us): the round
+    // is committed only once another node holds it too, so it stays verifiable without us.
+    // Usually the copy asked for when it was accepted is done; if not, everyone is asked.
+    let own = c.valid.get(&ctx.node_id).map(|v| v.0.update_hash.clone());
+    let (own_kept, model_kept) = if others {
+        let own_kept = async {
+            let early = match (&own, own_copy) {
+                (Some(h), Some((asked, task))) if *h == asked => task.await.unwrap_or(false),
+                _ => false,
+            };
+            match &own {
+                None => true,
+                Some(_) if early => true,
+                Some(h) => {
+                    ctx.announce_model(job_id, h, vec![], REPLICATE_TIMEOUT)
+                        .await
+                }
+            }
+        };
+        let model_kept = ctx.announce_model(job_id, &hash, vec![], REPLICATE_TIMEOUT);
+        tokio::join!(own_kept, model_kept)
+    } else {
+        (true, true)
+    };
+    let copied = own_kept && model_kept;
     if let Some(t) = record.timing.as_mut() {
         t.model_publish = Some(publishing.elapsed().as_secs_f64());
     }
     if !copied {
-        return Err("no other node copied the new model in time".into());
+        return Err(format!(
+            "no other node copied the {} in time",
+            if model_kept {
+                "aggregator's own update"
+            } else {
+                "new model"
+            }
+        ));
     }
     record.model_hash = Some(hash);
     if let Some(e) = evaluation {
