@@ -23,7 +23,14 @@ pub fn machine_lines() -> Result<String> {
         .map_or(0.0, |kb| kb / 1024.0 / 1024.0);
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
-    let bin = crate::binary()?.display().to_string();
+    // Relative to the working directory when under it, so reports name no machine's paths.
+    let bin = crate::binary()?;
+    let bin = std::env::current_dir()
+        .ok()
+        .and_then(|cwd| bin.strip_prefix(cwd).ok().map(|p| p.to_path_buf()))
+        .unwrap_or(bin)
+        .display()
+        .to_string();
     let mut s = String::new();
     writeln!(s, "date      {}", utc_now())?;
     writeln!(

@@ -50,16 +50,18 @@ pub async fn start_trainers(
         a
     })
     .await?;
-    wait_until(
-        "every node to register as a trainer",
-        Duration::from_secs(30),
-        || async {
-            let c = nodes[0].cluster().await?;
-            Ok(c["trainers"].as_array().map_or(0, Vec::len) == n)
-        },
-    )
-    .await?;
+    wait_trainers(&nodes, Duration::from_secs(30)).await?;
     Ok(nodes)
+}
+
+/// Waits until every node of `nodes` is registered as a trainer.
+pub async fn wait_trainers(nodes: &[Node], timeout: Duration) -> Result<()> {
+    let first = nodes.first().context("no nodes")?;
+    wait_until("every node to register as a trainer", timeout, || async {
+        let c = first.cluster().await?;
+        Ok(c["trainers"].as_array().map_or(0, Vec::len) == nodes.len())
+    })
+    .await
 }
 
 /// A softmax job on digits with `aggregator`, `rounds` rounds, and `extra` fields on top.

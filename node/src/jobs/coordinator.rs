@@ -396,13 +396,13 @@ async fn collect(
         let (fetch_ctx, hash, arch, author) =
             (ctx.clone(), a.update_hash.clone(), arch.clone(), a.node_id);
         let handle = tokio::spawn(async move {
-            let checked = match fetch_ctx.load_update(&hash, author, &arch).await {
-                Ok(delta) => match delta.iter().position(|v| !v.is_finite()) {
+            let checked = fetch_ctx
+                .load_update(&hash, author, &arch)
+                .await
+                .and_then(|delta| match delta.iter().position(|v| !v.is_finite()) {
                     Some(i) => Err(format!("parameter {i} is not finite")),
                     None => Ok(delta),
-                },
-                Err(e) => Err(e),
-            };
+                });
             fetch_ctx.wake.notify_one();
             checked
         });

@@ -16,8 +16,8 @@
 
 use agentmesh_federated::{Architecture, Dataset, LocalTrainer, Model, TrainConfig, Trainer};
 use agentmesh_tests::bench::{self, median};
-use agentmesh_tests::jobs::{split, submit, wait_done};
-use agentmesh_tests::{start_cluster_with, wait_until};
+use agentmesh_tests::jobs::{split, submit, wait_done, wait_trainers};
+use agentmesh_tests::start_cluster_with;
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 use std::fmt::Write as _;
@@ -189,15 +189,7 @@ async fn bench_cluster(
         ]
     })
     .await?;
-    wait_until(
-        "every node to register as a trainer",
-        Duration::from_secs(60),
-        || async {
-            let c = nodes[0].cluster().await?;
-            Ok(c["trainers"].as_array().map_or(0, Vec::len) == n)
-        },
-    )
-    .await?;
+    wait_trainers(&nodes, Duration::from_secs(60)).await?;
     let spec = json!({
         "model": "mlp", "hidden": HIDDEN, "dataset_features": FEATURES, "classes": CLASSES,
         "rounds": rounds, "local_epochs": epochs, "batch_size": BATCH,
