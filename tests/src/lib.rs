@@ -462,13 +462,38 @@ pub fn ok_stdout(out: &Output) -> Result<String> {
 
 /// Listen flags on a TCP and a UDP port that are free now, for nodes that must
 /// come back on the same addresses after a restart (as deployed nodes do).
+///
+/// The ports are drawn at random from below the kernel's ephemeral range: a port the
+/// kernel hands out (port 0) can be given to another test's outgoing connection or QUIC
+/// socket between this check and the node binding it, and these cannot.
 pub fn fixed_ports() -> Result<Vec<String>> {
-    let tcp = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
-    let udp = std::net::UdpSocket::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
+    use std::hash::{BuildHasher, Hasher};
+    const LOWEST: u64 = 10_000;
+    let ephemeral_low: u64 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|t| t.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32_768);
+    let span = ephemeral_low.saturating_sub(LOWEST).max(1);
+    let random = std::collections::hash_map::RandomState::new();
+    let draw = |i: u64| {
+        let mut h = random.build_hasher();
+        h.write_u64(i);
+        (LOWEST + h.finish() % span) as u16
+    };
+    let free = |i: u64, tcp: bool| -> Option<u16> {
+        let port = draw(i);
+        let ok = if tcp {
+            std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()
+        } else {
+            std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok()
+        };
+        ok.then_some(port)
+    };
+    let tcp = (0..200).find_map(|i| free(i, true));
+    let udp = (200..400).find_map(|i| free(i, false));
+    let (Some(tcp), Some(udp)) = (tcp, udp) else {
+        bail!("no free TCP and UDP port found below the ephemeral range ({ephemeral_low})");
+    };
     Ok(vec![
         "--listen".into(),
         format!("/ip4/127.0.0.1/tcp/{tcp}"),
