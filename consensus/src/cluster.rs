@@ -12,6 +12,10 @@ use openraft::{ChangeMembers, ServerState};
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot, watch};
 
+mod audit;
+
+pub use audit::MAX_AUDIT_READ;
+
 use crate::bootstrap::{self, BootstrapState, BootstrapStep, Decline, HelloReply};
 use crate::cluster_key::ClusterKey;
 use crate::config::{ClusterConfig, ConfigError};
@@ -304,6 +308,7 @@ struct Inner {
     had_state: bool,
     proposals: mpsc::Sender<Proposal>,
     bootstrap: tokio::sync::Mutex<Bootstrap>,
+    audit_buffer: audit::SharedAuditBuffer,
 }
 
 /// A waiting node's side of founding by cluster key.
@@ -370,8 +375,10 @@ impl Cluster {
             had_state,
             proposals,
             bootstrap,
+            audit_buffer: Default::default(),
         });
         tokio::spawn(reconcile_loop(Arc::downgrade(&inner)));
+        tokio::spawn(audit::flush_loop(Arc::downgrade(&inner)));
         Ok(Self { inner })
     }
 
@@ -870,18 +877,24 @@ impl Cluster {
         }
     }
 
-    /// Renames this node everywhere.
-    pub async fn rename(&self, name: &str) -> Result<(), ClusterError> {
+    /// Renames this node everywhere; `actor` asked for it (an audit actor).
+    pub async fn rename(&self, name: &str, actor: &str) -> Result<(), ClusterError> {
         validate_name(name)?;
         let cmd = Command::Rename {
             node_id: self.inner.id,
             name: name.to_string(),
         };
-        self.write(cmd).await.map(|_| ())
+        let entry = self.audit_entry(actor, "member.rename", &self.inner.identity.peer_id, name);
+        self.write_audited(entry, cmd).await.map(|_| ())
     }
 
-    /// Issues a single-use join token valid for `ttl`. Returns the token and its expiry.
-    pub fn issue_token(&self, ttl: Duration) -> Result<(String, u64), ClusterError> {
+    /// Issues a single-use join token valid for `ttl` to `actor` (an audit actor). Returns the
+    /// token and its expiry once the issue is in the audit log.
+    pub async fn issue_token(
+        &self,
+        ttl: Duration,
+        actor: &str,
+    ) -> Result<(String, u64), ClusterError> {
         if ttl.is_zero() || ttl.as_secs() > MAX_TOKEN_TTL_SECS {
             return Err(ClusterError::Invalid(format!(
                 "ttl must be between 1 second and {MAX_TOKEN_TTL_SECS} seconds"
@@ -906,10 +919,15 @@ impl Cluster {
             expires_at,
             nonce: rand::random::<[u8; 16]>().to_vec(),
         };
-        Ok((
-            JoinToken::issue(&self.inner.identity.signing_key, body),
-            expires_at,
-        ))
+        let entry = self.audit_entry(
+            actor,
+            "token.issue",
+            &token_label(&body.nonce),
+            &format!("expires_at {expires_at}"),
+        );
+        let token = JoinToken::issue(&self.inner.identity.signing_key, body);
+        self.audit(vec![entry]).await?;
+        Ok((token, expires_at))
     }
 
     /// Leaves the cluster gracefully: marks this member as left and waits (bounded) until the
@@ -926,9 +944,14 @@ impl Cluster {
         if others == 0 || !self.is_member() {
             return Ok(());
         }
-        self.write(Command::Leave {
-            node_id: self.inner.id,
-        })
+        let me = format!("node:{}", self.inner.identity.peer_id);
+        let entry = self.audit_entry(&me, "member.leave", &self.inner.identity.peer_id, "");
+        self.write_audited(
+            entry,
+            Command::Leave {
+                node_id: self.inner.id,
+            },
+        )
         .await?;
         let mut metrics = self.inner.raft.metrics();
         let id = self.inner.id;
@@ -1068,6 +1091,29 @@ impl Cluster {
     pub fn is_leader(&self) -> bool {
         self.has_leader()
             && self.inner.raft.metrics().borrow().current_leader == Some(self.inner.id)
+    }
+
+    /// Waits until this node's applied state satisfies `done`, or `within` passes; returns
+    /// whether it does. Writes return once the leader has applied them: a follower that
+    /// answers a client waits here so the client reads its own write.
+    pub async fn wait_applied_here(
+        &self,
+        within: Duration,
+        done: impl Fn(&ClusterState) -> bool,
+    ) -> bool {
+        let mut applied = self.applied_watch();
+        tokio::time::timeout(within, async {
+            loop {
+                if self.read(&done).unwrap_or(true) {
+                    return true;
+                }
+                if applied.changed().await.is_err() {
+                    return false;
+                }
+            }
+        })
+        .await
+        .unwrap_or(false)
     }
 
     /// The index of the last applied entry, updated as entries are applied.
@@ -1315,6 +1361,23 @@ impl Inner {
                     .collect();
                 Ok(ClientReply::KvList(entries))
             }
+            ClientOp::Audit {
+                after,
+                since_ms,
+                limit,
+            } => {
+                self.raft
+                    .ensure_linearizable()
+                    .await
+                    .map_err(map_read_err)?;
+                let applied = self.state.read().map_err(|_| poisoned())?;
+                Ok(ClientReply::Audit(audit::select(
+                    &applied.state,
+                    after,
+                    since_ms,
+                    limit,
+                )))
+            }
             ClientOp::Join {
                 member,
                 token,
@@ -1340,47 +1403,52 @@ impl Inner {
                 "the cluster is still being founded".into(),
             ));
         };
-        let token_use = match token {
-            Some(t) => {
-                let parsed = JoinToken::parse(&t)?;
-                let issuer_key = {
-                    let applied = self.state.read().map_err(|_| poisoned())?;
-                    applied
-                        .state
-                        .members
-                        .get(&parsed.body.issuer)
-                        .filter(|m| m.state == MemberState::Active)
-                        .map(|m| m.public_key.clone())
-                };
-                let Some(issuer_key) = issuer_key else {
-                    if parsed.body.cluster_id != cluster_id {
-                        return Err(TokenError::ForeignCluster {
-                            token: parsed.body.cluster_id,
-                            ours: cluster_id,
-                        }
-                        .into());
-                    }
-                    return Err(TokenError::UnknownIssuer(parsed.body.issuer).into());
-                };
-                parsed.verify(&issuer_key, &cluster_id, now)?;
-                Some(crate::types::TokenUse {
-                    nonce: parsed.body.nonce.clone(),
-                    expires_at: parsed.body.expires_at,
-                })
-            }
-            None => None,
-        };
-        let by_key = match (&token_use, key_proof) {
+        let checked = self.check_join_token(token, &cluster_id, now);
+        if let Err(e) = &checked {
+            self.audit_later(
+                audit::entry_now(
+                    &self.identity.peer_id,
+                    &format!("node:{}", member.peer_id),
+                    "token.refused",
+                    &member.peer_id,
+                    &member.name,
+                )
+                .with_outcome(&format!("refused: {e}")),
+            );
+        }
+        let checked = checked?;
+        let by_key = match (&checked, key_proof) {
             (None, Some(proof)) => self.check_key_proof(&member, &proof)?,
             _ => false,
         };
+        let how = match (&checked, by_key) {
+            (Some(t), _) => format!(
+                "name {}; {} issued by node {}",
+                member.name,
+                t.label,
+                fmt_node_id(t.issuer)
+            ),
+            (None, true) => format!("name {}; cluster key", member.name),
+            (None, false) => format!("name {}; returning member", member.name),
+        };
+        let entry = audit::entry_now(
+            &self.identity.peer_id,
+            &format!("node:{}", member.peer_id),
+            "member.join",
+            &member.peer_id,
+            &how,
+        );
         let node_id = member.node_id;
         let raft_node = member.raft_node();
         let cmd = Command::Join {
             member,
-            token: token_use,
+            token: checked.map(|t| t.token_use),
             now,
             by_key,
+        };
+        let cmd = Command::Audited {
+            entry,
+            cmd: Box::new(cmd),
         };
         let resp = self.raft.client_write(cmd).await.map_err(map_write_err)?;
         if let CommandResult::Rejected(r) = resp.data {
@@ -1401,6 +1469,55 @@ impl Inner {
             }
         }
         Ok(ClientReply::Joined { cluster_id })
+    }
+
+    /// Checks a presented join token against the registry. No token: nothing to check.
+    fn check_join_token(
+        &self,
+        token: Option<String>,
+        cluster_id: &str,
+        now: u64,
+    ) -> Result<Option<CheckedToken>, ClusterError> {
+        let Some(t) = token else {
+            return Ok(None);
+        };
+        let parsed = JoinToken::parse(&t)?;
+        let issuer_key = {
+            let applied = self.state.read().map_err(|_| poisoned())?;
+            applied
+                .state
+                .members
+                .get(&parsed.body.issuer)
+                .filter(|m| m.state == MemberState::Active)
+                .map(|m| m.public_key.clone())
+        };
+        let Some(issuer_key) = issuer_key else {
+            if parsed.body.cluster_id != cluster_id {
+                return Err(TokenError::ForeignCluster {
+                    token: parsed.body.cluster_id,
+                    ours: cluster_id.to_string(),
+                }
+                .into());
+            }
+            return Err(TokenError::UnknownIssuer(parsed.body.issuer).into());
+        };
+        parsed.verify(&issuer_key, cluster_id, now)?;
+        Ok(Some(CheckedToken {
+            token_use: crate::types::TokenUse {
+                nonce: parsed.body.nonce.clone(),
+                expires_at: parsed.body.expires_at,
+            },
+            issuer: parsed.body.issuer,
+            label: token_label(&parsed.body.nonce),
+        }))
+    }
+
+    /// Queues an audit entry (see [`Cluster::audit_later`]).
+    fn audit_later(&self, entry: crate::access::AuditEntry) {
+        match self.audit_buffer.lock() {
+            Ok(mut b) => b.add(entry),
+            Err(_) => tracing::warn!("audit buffer poisoned; entry dropped"),
+        }
     }
 
     /// Whether a joining node's cluster-key proof admits it. A former member coming back
@@ -1791,10 +1908,16 @@ impl Inner {
                 to = ?desired.iter().map(|v| fmt_node_id(*v)).collect::<Vec<_>>(),
                 "changing voters"
             );
+            let target = desired
+                .iter()
+                .map(|v| fmt_node_id(*v))
+                .collect::<Vec<_>>()
+                .join(",");
             self.raft
                 .change_membership(ChangeMembers::ReplaceAllVoters(desired), true)
                 .await
                 .map_err(map_write_err)?;
+            self.audit_membership("raft.voters", &target).await;
             return Ok(());
         }
 
@@ -1806,13 +1929,47 @@ impl Inner {
             .collect();
         if !gone.is_empty() {
             tracing::info!(nodes = ?gone.iter().map(|v| fmt_node_id(*v)).collect::<Vec<_>>(), "removing members that left");
+            let target = gone
+                .iter()
+                .map(|v| fmt_node_id(*v))
+                .collect::<Vec<_>>()
+                .join(",");
             self.raft
                 .change_membership(ChangeMembers::RemoveNodes(gone), true)
                 .await
                 .map_err(map_write_err)?;
+            self.audit_membership("raft.remove", &target).await;
         }
         Ok(())
     }
+
+    /// Records a Raft membership change the leader made. Membership entries are openraft's
+    /// own, so the record follows in a separate entry; if it cannot be written now it is
+    /// queued.
+    async fn audit_membership(&self, action: &str, target: &str) {
+        let me = &self.identity.peer_id;
+        let entry = audit::entry_now(me, &format!("leader:{me}"), action, target, "");
+        let cmd = Command::Audit(vec![entry.clone()]);
+        if self.raft.client_write(cmd).await.is_err() {
+            self.audit_later(entry);
+        }
+    }
+}
+
+/// A join token that passed the leader's checks.
+struct CheckedToken {
+    /// What the state machine needs to consume it.
+    token_use: crate::types::TokenUse,
+    /// The member that issued it.
+    issuer: NodeId,
+    /// How the audit log names it.
+    label: String,
+}
+
+/// How the audit log names a join token: the start of its nonce, not enough to use it.
+fn token_label(nonce: &[u8]) -> String {
+    let head: String = nonce.iter().take(6).map(|b| format!("{b:02x}")).collect();
+    format!("token:{head}")
 }
 
 fn hex_id(bytes: [u8; 16]) -> String {

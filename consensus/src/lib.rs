@@ -10,6 +10,7 @@
 //! found one together with [`Cluster::bootstrap_step`]. Any member serves
 //! [`Cluster::kv_put`] and friends; operations are forwarded to the leader.
 
+mod access;
 mod bootstrap;
 mod cluster;
 mod cluster_key;
@@ -22,10 +23,15 @@ mod store;
 mod token;
 mod types;
 
+pub use access::{
+    api_key_id, generate_api_key, hash_api_key, key_matches, ApiKeyCommand, ApiKeyRecord,
+    AuditEntry, NewApiKey, Role, API_KEY_PREFIX, MAX_API_KEYS, MAX_API_KEY_LEN, MAX_AUDIT_BATCH,
+    MAX_AUDIT_ENTRIES, MAX_AUDIT_FIELD,
+};
 pub use bootstrap::{BootstrapStep, MAX_BOOTSTRAP_EXPECT};
 pub use cluster::{
     fmt_node_id, Cluster, ClusterError, Identity, MemberStatus, RaftStatus, CLIENT_TIMEOUT,
-    MAX_LIST,
+    MAX_AUDIT_READ, MAX_LIST,
 };
 pub use cluster_key::{ClusterKey, ClusterKeyError, MAX_CLUSTER_KEY_FILE, MIN_CLUSTER_KEY_LEN};
 pub use config::{ClusterConfig, ConfigError};

@@ -76,6 +76,12 @@ pub(crate) enum ClientOp {
     Write(Command),
     KvGet(String),
     KvList(String),
+    /// Audit entries after sequence number `after`, at or after `since_ms`, at most `limit`.
+    Audit {
+        after: u64,
+        since_ms: u64,
+        limit: u32,
+    },
     Join {
         member: MemberRecord,
         token: Option<String>,
@@ -91,6 +97,7 @@ pub(crate) enum ClientReply {
     Applied(CommandResult),
     Kv(Option<KvEntry>),
     KvList(Vec<(String, KvEntry)>),
+    Audit(Vec<crate::access::AuditEntry>),
     Joined { cluster_id: String },
 }
 

@@ -6,6 +6,9 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::access::{
+    ApiKeyCommand, ApiKeyRecord, AuditEntry, MAX_API_KEYS, MAX_AUDIT_BATCH, MAX_AUDIT_ENTRIES,
+};
 use crate::jobs::{JobRecord, TrainerInfo};
 use crate::types::{Command, CommandResult, MemberRecord, MemberState, NodeId, Rejection};
 
@@ -48,6 +51,8 @@ pub(crate) enum Touched {
     Token(Vec<u8>),
     Job(String),
     Trainer(NodeId),
+    ApiKey(String),
+    Audit(u64),
 }
 
 /// The whole replicated state.
@@ -73,6 +78,12 @@ pub struct ClusterState {
     /// Nodes that can train, and on what.
     #[serde(default)]
     pub trainers: BTreeMap<NodeId, TrainerInfo>,
+    /// API keys by id, revoked ones included.
+    #[serde(default)]
+    pub api_keys: BTreeMap<String, ApiKeyRecord>,
+    /// The last [`MAX_AUDIT_ENTRIES`] audit entries by sequence number.
+    #[serde(default)]
+    pub audit: BTreeMap<u64, AuditEntry>,
     /// Bytes held by keys and values, for the quota.
     #[serde(skip)]
     kv_bytes: usize,
@@ -163,6 +174,34 @@ impl ClusterState {
                 CommandResult::Written { version }
             }
             Command::Job(job) => self.apply_job(job, touched),
+            Command::ApiKey(cmd) => self.apply_api_key(cmd, touched),
+            Command::Audited { entry, cmd } => {
+                let result = match cmd.as_ref() {
+                    Command::Batch(_) | Command::Audited { .. } | Command::Audit(_) => {
+                        CommandResult::Rejected(Rejection::Malformed(
+                            "an audited command must be a single change".into(),
+                        ))
+                    }
+                    c => self.apply(c, touched),
+                };
+                let outcome = match &result {
+                    CommandResult::Rejected(r) => format!("refused: {r}"),
+                    _ => "ok".to_string(),
+                };
+                self.record_audit(entry.clone().with_outcome(&outcome), touched);
+                result
+            }
+            Command::Audit(entries) => {
+                if entries.len() > MAX_AUDIT_BATCH {
+                    return CommandResult::Rejected(Rejection::Malformed(format!(
+                        "more than {MAX_AUDIT_BATCH} audit entries in one command"
+                    )));
+                }
+                for e in entries {
+                    self.record_audit(e.clone(), touched);
+                }
+                CommandResult::Done
+            }
             Command::KvDelete { key, if_version } => {
                 if let Err(r) = self.check_version(key, *if_version) {
                     return CommandResult::Rejected(r);
@@ -177,6 +216,53 @@ impl ClusterState {
                     }
                     None => CommandResult::Deleted { existed: false },
                 }
+            }
+        }
+    }
+
+    fn apply_api_key(&mut self, cmd: &ApiKeyCommand, touched: &mut Vec<Touched>) -> CommandResult {
+        match cmd {
+            ApiKeyCommand::Create(record) => {
+                if self.api_keys.contains_key(&record.id) {
+                    return CommandResult::Rejected(Rejection::ApiKeyExists(record.id.clone()));
+                }
+                if self.api_keys.len() >= MAX_API_KEYS {
+                    return CommandResult::Rejected(Rejection::QuotaExceeded {
+                        what: format!("{MAX_API_KEYS} API keys"),
+                    });
+                }
+                if record.hash.len() != 32 {
+                    return CommandResult::Rejected(Rejection::Malformed(
+                        "an API key hash is 32 bytes".into(),
+                    ));
+                }
+                self.api_keys.insert(record.id.clone(), record.clone());
+                touched.push(Touched::ApiKey(record.id.clone()));
+                CommandResult::Done
+            }
+            ApiKeyCommand::Revoke { id, at_ms } => match self.api_keys.get_mut(id) {
+                Some(k) => {
+                    // Revoking twice keeps the first time.
+                    k.revoked_at_ms.get_or_insert(*at_ms);
+                    touched.push(Touched::ApiKey(id.clone()));
+                    CommandResult::Done
+                }
+                None => CommandResult::Rejected(Rejection::NoSuchApiKey(id.clone())),
+            },
+        }
+    }
+
+    /// Appends an audit entry with the next sequence number, dropping the oldest beyond
+    /// [`MAX_AUDIT_ENTRIES`].
+    fn record_audit(&mut self, entry: AuditEntry, touched: &mut Vec<Touched>) {
+        let seq = self.audit.last_key_value().map_or(1, |(s, _)| s + 1);
+        let mut entry = entry.clipped();
+        entry.seq = seq;
+        self.audit.insert(seq, entry);
+        touched.push(Touched::Audit(seq));
+        while self.audit.len() > MAX_AUDIT_ENTRIES {
+            if let Some((old, _)) = self.audit.pop_first() {
+                touched.push(Touched::Audit(old));
             }
         }
     }
@@ -359,6 +445,103 @@ mod tests {
 
     fn apply(s: &mut ClusterState, _step: u64, cmd: Command) -> CommandResult {
         s.apply(&cmd, &mut Vec::new())
+    }
+
+    fn audited(action: &str, cmd: Command) -> Command {
+        Command::Audited {
+            entry: AuditEntry::new(7, "apikey:abc", "node", action, "t", ""),
+            cmd: Box::new(cmd),
+        }
+    }
+
+    #[test]
+    fn api_keys_are_created_once_and_revoked_for_good() {
+        let mut s = ClusterState::default();
+        let new = crate::access::generate_api_key("ci", crate::access::Role::Operator, "x", 1);
+        let create = Command::ApiKey(ApiKeyCommand::Create(new.record.clone()));
+        assert_eq!(apply(&mut s, 1, create.clone()), CommandResult::Done);
+        assert_eq!(
+            apply(&mut s, 2, create),
+            CommandResult::Rejected(Rejection::ApiKeyExists(new.record.id.clone()))
+        );
+        let revoke = |at_ms| {
+            Command::ApiKey(ApiKeyCommand::Revoke {
+                id: new.record.id.clone(),
+                at_ms,
+            })
+        };
+        assert_eq!(apply(&mut s, 3, revoke(10)), CommandResult::Done);
+        assert_eq!(apply(&mut s, 4, revoke(20)), CommandResult::Done);
+        assert_eq!(s.api_keys[&new.record.id].revoked_at_ms, Some(10));
+        assert!(!crate::access::key_matches(
+            &s.api_keys[&new.record.id],
+            &new.key
+        ));
+        let unknown = Command::ApiKey(ApiKeyCommand::Revoke {
+            id: "nope".into(),
+            at_ms: 1,
+        });
+        assert_eq!(
+            apply(&mut s, 5, unknown),
+            CommandResult::Rejected(Rejection::NoSuchApiKey("nope".into()))
+        );
+        let mut bad = new.record.clone();
+        bad.id = "other".into();
+        bad.hash = vec![1, 2, 3];
+        assert!(matches!(
+            apply(&mut s, 6, Command::ApiKey(ApiKeyCommand::Create(bad))),
+            CommandResult::Rejected(Rejection::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn audited_commands_record_their_outcome() {
+        let mut s = ClusterState::default();
+        let put = Command::KvPut {
+            key: "a".into(),
+            value: "1".into(),
+            if_version: Some(5),
+        };
+        let r = apply(&mut s, 1, audited("kv.put", put));
+        assert!(matches!(
+            r,
+            CommandResult::Rejected(Rejection::VersionMismatch { .. })
+        ));
+        let leave = Command::Leave { node_id: 9 };
+        let _ = apply(&mut s, 2, audited("member.leave", leave));
+        let nested = audited("x", Command::Batch(vec![]));
+        assert!(matches!(
+            apply(&mut s, 3, nested),
+            CommandResult::Rejected(Rejection::Malformed(_))
+        ));
+        let log: Vec<_> = s.audit.values().collect();
+        assert_eq!(log.len(), 3);
+        assert_eq!(log.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![1, 2, 3]);
+        assert!(log[0].outcome.starts_with("refused: version mismatch"));
+        assert_eq!(log[1].outcome, "refused: node 9 is not a member");
+        assert_eq!(log[0].actor, "apikey:abc");
+        assert_eq!(log[0].at_ms, 7);
+    }
+
+    #[test]
+    fn the_audit_log_keeps_the_newest_entries() {
+        let mut s = ClusterState::default();
+        let mut touched = Vec::new();
+        let note = AuditEntry::new(1, "a", "v", "token.issue", "t", "");
+        for _ in 0..(MAX_AUDIT_ENTRIES + 5) {
+            s.apply(&Command::Audit(vec![note.clone()]), &mut touched);
+        }
+        assert_eq!(s.audit.len(), MAX_AUDIT_ENTRIES);
+        assert_eq!(s.audit.keys().next(), Some(&6));
+        let last = (MAX_AUDIT_ENTRIES + 5) as u64;
+        assert_eq!(s.audit.keys().last(), Some(&last));
+        // The dropped ones are among what the store must delete.
+        assert!(touched.contains(&Touched::Audit(1)));
+        let too_many = Command::Audit(vec![note; MAX_AUDIT_BATCH + 1]);
+        assert!(matches!(
+            s.apply(&too_many, &mut touched),
+            CommandResult::Rejected(Rejection::Malformed(_))
+        ));
     }
 
     #[test]

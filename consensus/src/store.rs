@@ -31,6 +31,7 @@ use openraft::{
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+use crate::access::{ApiKeyRecord, AuditEntry};
 use crate::bootstrap::BootstrapState;
 use crate::jobs::{JobRecord, TrainerInfo};
 use crate::state::{ClusterState, KvEntry, Touched, UsedToken};
@@ -382,6 +383,18 @@ fn trainer_key(id: NodeId) -> Vec<u8> {
     k
 }
 
+fn api_key_key(id: &str) -> Vec<u8> {
+    let mut k = b"p".to_vec();
+    k.extend_from_slice(id.as_bytes());
+    k
+}
+
+fn audit_key(seq: u64) -> Vec<u8> {
+    let mut k = b"a".to_vec();
+    k.extend_from_slice(&seq.to_be_bytes());
+    k
+}
+
 fn token_key(nonce: &[u8]) -> Vec<u8> {
     let mut k = b"t".to_vec();
     k.extend_from_slice(nonce);
@@ -427,6 +440,14 @@ impl StateMachineStore {
                         .state
                         .trainers
                         .insert(NodeId::from_be_bytes(id), info);
+                }
+                [b'p', ..] => {
+                    let k: ApiKeyRecord = decode(&value).map_err(read_err)?;
+                    applied.state.api_keys.insert(k.id.clone(), k);
+                }
+                [b'a', ..] => {
+                    let e: AuditEntry = decode(&value).map_err(read_err)?;
+                    applied.state.audit.insert(e.seq, e);
                 }
                 _ => {}
             }
@@ -480,6 +501,14 @@ impl StateMachineStore {
                 Touched::Trainer(id) => match applied.state.trainers.get(&id) {
                     Some(t) => batch.insert(trainer_key(id), encode(t)),
                     None => batch.remove(trainer_key(id)),
+                },
+                Touched::ApiKey(id) => match applied.state.api_keys.get(&id) {
+                    Some(k) => batch.insert(api_key_key(&id), encode(k)),
+                    None => batch.remove(api_key_key(&id)),
+                },
+                Touched::Audit(seq) => match applied.state.audit.get(&seq) {
+                    Some(e) => batch.insert(audit_key(seq), encode(e)),
+                    None => batch.remove(audit_key(seq)),
                 },
             }
         }
@@ -606,6 +635,13 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         );
         touched.extend(new.state.jobs.keys().map(|id| Touched::Job(id.clone())));
         touched.extend(new.state.trainers.keys().map(|id| Touched::Trainer(*id)));
+        touched.extend(
+            new.state
+                .api_keys
+                .keys()
+                .map(|id| Touched::ApiKey(id.clone())),
+        );
+        touched.extend(new.state.audit.keys().map(|seq| Touched::Audit(*seq)));
         // Removes first, then the new contents, all in one atomic batch.
         self.sm
             .apply_batch(batch)
@@ -675,5 +711,59 @@ mod tests {
     #[test]
     fn openraft_storage_suite() -> Result<(), StorageError<NodeId>> {
         Suite::test_all(Builder)
+    }
+
+    fn state_of(sm: &StateMachineStore) -> ClusterState {
+        sm.shared()
+            .read()
+            .map(|a| a.state.clone())
+            .unwrap_or_default()
+    }
+
+    /// API keys and the audit log (trimmed entries included) survive a reopen and travel in
+    /// snapshots.
+    #[tokio::test]
+    async fn keys_and_audit_persist_and_snapshot() -> StorageResult<()> {
+        use crate::access::{generate_api_key, ApiKeyCommand, AuditEntry, Role};
+        use crate::types::Command;
+        use openraft::CommittedLeaderId;
+
+        let dir = tempfile::tempdir().map_err(write_err)?;
+        let key = generate_api_key("ci", Role::Viewer, "local", 1);
+        let note = AuditEntry::new(1, "local", "n", "token.issue", "t", "");
+        let cmds = vec![
+            Command::ApiKey(ApiKeyCommand::Create(key.record.clone())),
+            Command::Audited {
+                entry: note.clone(),
+                cmd: Box::new(Command::ApiKey(ApiKeyCommand::Revoke {
+                    id: key.record.id.clone(),
+                    at_ms: 2,
+                })),
+            },
+            Command::Audit(vec![note.clone(), note]),
+        ];
+        let storage = Storage::open(dir.path()).map_err(write_err)?;
+        let (_log, mut sm) = storage.split()?;
+        let entries = cmds.into_iter().enumerate().map(|(i, cmd)| Entry {
+            log_id: LogId::new(CommittedLeaderId::new(1, 0), i as u64 + 1),
+            payload: EntryPayload::Normal(cmd),
+        });
+        sm.apply(entries).await?;
+        let before = state_of(&sm);
+        assert_eq!(before.api_keys[&key.record.id].revoked_at_ms, Some(2));
+        assert_eq!(before.audit.len(), 3);
+
+        // Loaded back from what is on disk (the database stays open: sled holds its lock
+        // until its background threads end).
+        let mut sm = StateMachineStore::open(&storage.db)?;
+        assert_eq!(state_of(&sm), before);
+
+        let snap = sm.build_snapshot().await?;
+        let other = tempfile::tempdir().map_err(write_err)?;
+        let storage2 = Storage::open(other.path()).map_err(write_err)?;
+        let (_log2, mut sm2) = storage2.split()?;
+        sm2.install_snapshot(&snap.meta, snap.snapshot).await?;
+        assert_eq!(state_of(&sm2), before);
+        Ok(())
     }
 }

@@ -170,6 +170,18 @@ pub enum Command {
         /// Compare-and-set: apply only if the key's version is this.
         if_version: Option<u64>,
     },
+    /// Creates or revokes an API key.
+    ApiKey(crate::access::ApiKeyCommand),
+    /// Applies `cmd` and records `entry` in the audit log with the outcome.
+    Audited {
+        /// Who, when, what; the outcome is filled in when applied.
+        entry: crate::access::AuditEntry,
+        /// The change itself (not a batch).
+        cmd: Box<Command>,
+    },
+    /// Records things that happened outside the state machine (a token issued, requests
+    /// refused) in the audit log; at most [`crate::access::MAX_AUDIT_BATCH`] entries.
+    Audit(Vec<crate::access::AuditEntry>),
 }
 
 /// The result of applying a [`Command`].
@@ -246,4 +258,13 @@ pub enum Rejection {
         /// Which limit.
         what: String,
     },
+    /// No API key has this id.
+    #[error("no API key {0}")]
+    NoSuchApiKey(String),
+    /// An API key with this id exists already.
+    #[error("API key id {0} is taken")]
+    ApiKeyExists(String),
+    /// The command cannot be applied as given.
+    #[error("malformed command: {0}")]
+    Malformed(String),
 }

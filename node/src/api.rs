@@ -1,6 +1,8 @@
 //! The HTTP API (see `interface.md`): health, metrics, status, peers, gossip,
 //! events over WebSocket, and blobs.
 
+mod access;
+pub mod auth;
 mod cluster;
 mod jobs;
 
@@ -15,10 +17,10 @@ use axum::{
     body::Body,
     extract::{
         ws::{Message, WebSocket, WebSocketUpgrade},
-        DefaultBodyLimit, Path, Query, Request, State,
+        DefaultBodyLimit, Path, Query, State,
     },
-    http::{header, HeaderValue, StatusCode},
-    middleware::{self, Next},
+    http::{header, StatusCode},
+    middleware,
     response::{IntoResponse, Response},
     routing::{get, post},
     Json, Router,
@@ -58,8 +60,8 @@ pub struct ApiState {
     pub cluster: Cluster,
     /// Training jobs.
     pub jobs: crate::jobs::Jobs,
-    /// Admin key clients must present, if any.
-    pub api_key: Option<String>,
+    /// Who may do what, and how often.
+    pub access: auth::Access,
     /// Node name.
     pub name: String,
     /// Whether this node was told to join others (then ready needs a peer).
@@ -151,7 +153,12 @@ pub fn router(state: Shared) -> Router {
         .route("/v1/blobs/{hash}/providers", get(blob_providers))
         .merge(cluster::routes())
         .merge(jobs::routes())
-        .route_layer(middleware::from_fn_with_state(state.clone(), require_key));
+        .merge(access::routes())
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            auth::authorize,
+        ));
+    auth::spawn_limiter_cleanup(state.clone());
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
@@ -164,28 +171,6 @@ pub fn router(state: Shared) -> Router {
 /// Compares without an early exit, so timing does not reveal a key prefix.
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
-async fn require_key(State(s): State<Shared>, req: Request, next: Next) -> Response {
-    if let Some(key) = &s.api_key {
-        let presented = req
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
-        let ok = presented.is_some_and(|p| constant_time_eq(p.trim().as_bytes(), key.as_bytes()));
-        if !ok {
-            let mut res = ApiError(
-                StatusCode::UNAUTHORIZED,
-                "missing or wrong API key: send Authorization: Bearer KEY".into(),
-            )
-            .into_response();
-            res.headers_mut()
-                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-            return res;
-        }
-    }
-    next.run(req).await
 }
 
 async fn readyz(State(s): State<Shared>) -> Response {

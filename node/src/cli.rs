@@ -87,6 +87,25 @@ pub enum Command {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// API keys with roles: admin (membership, tokens, keys, audit), operator (jobs, kv,
+    /// blobs, publish) and viewer (read only). Needs an admin key.
+    Apikey {
+        #[command(subcommand)]
+        command: ApikeyCommand,
+    },
+    /// The audit log: membership changes, tokens, API keys, jobs submitted and cancelled,
+    /// refused requests; who, what, when. Needs an admin key.
+    Audit {
+        /// Only entries from this long ago on (e.g. 15m, 2h, 7d), or from this unix time
+        /// in seconds.
+        #[arg(long, value_parser = parse_since)]
+        since: Option<u64>,
+        /// Show at most this many entries (the newest).
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
     /// Federated training jobs: submit, follow, list, cancel, verify.
     Job {
         #[command(subcommand)]
@@ -431,6 +450,47 @@ pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
     Ok(std::time::Duration::from_secs(secs))
 }
 
+/// `--since`: a unix time in seconds, or a duration back from now; as unix milliseconds.
+pub fn parse_since(s: &str) -> Result<u64, String> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_err(|e| e.to_string())?;
+    // Bare numbers this large are times, not durations (1e9 s is in 2001).
+    if let Ok(n) = s.trim().parse::<u64>() {
+        if n >= 1_000_000_000 {
+            return Ok(n.saturating_mul(1000));
+        }
+    }
+    let ago = parse_duration(s)?;
+    Ok(u64::try_from(now.saturating_sub(ago).as_millis()).unwrap_or(0))
+}
+
+/// `agentmesh apikey ...`
+#[allow(missing_docs)]
+#[derive(Debug, Subcommand)]
+pub enum ApikeyCommand {
+    /// Create a key; the key is printed once, alone on the last line.
+    Create {
+        /// admin, operator or viewer.
+        #[arg(long)]
+        role: String,
+        /// A label for people.
+        #[arg(long, default_value = "")]
+        name: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// List keys (never the keys themselves).
+    List(ClientArgs),
+    /// Revoke a key by id; every node refuses it from then on.
+    Revoke {
+        /// The key's id (the part between `amk_` and the dot).
+        id: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
 /// `agentmesh blob ...`
 #[allow(missing_docs)]
 #[derive(Debug, Subcommand)]
@@ -498,6 +558,10 @@ pub struct StartArgs {
     /// File holding the admin API key (required if --api is not loopback).
     #[arg(long, env = "AGENTMESH_API_KEY_FILE")]
     pub api_key_file: Option<PathBuf>,
+    /// Requests per second each API key may make, with bursts of twice as many; beyond it
+    /// the API answers 429 with Retry-After (0 = no limit) [default: 50].
+    #[arg(long, env = "AGENTMESH_API_RATE_LIMIT")]
+    pub api_rate_limit: Option<u32>,
     /// Cap on the bytes per second this node serves to blob fetchers (0 = no cap).
     #[arg(long, env = "AGENTMESH_BLOB_SERVE_BYTES_PER_SEC")]
     pub blob_serve_bytes_per_sec: Option<u64>,

@@ -1,9 +1,12 @@
 //! Client commands: each talks to a node's HTTP API and prints the answer,
 //! human-readable by default or as JSON with `--json`.
 
+mod access;
 mod jobs;
 
-use crate::cli::{BlobCommand, ClientArgs, Command, JobsCommand, KvCommand, ModelCommand};
+use crate::cli::{
+    ApikeyCommand, BlobCommand, ClientArgs, Command, JobsCommand, KvCommand, ModelCommand,
+};
 use agentmesh_protocols::blob::BlobHash;
 use anyhow::{anyhow, bail, Context, Result};
 use futures::{SinkExt, StreamExt};
@@ -115,6 +118,18 @@ pub async fn run(cmd: Command) -> Result<()> {
                 jobs::verify(&Api::new(&client)?, &id, round).await
             }
         },
+        Command::Apikey { command } => match command {
+            ApikeyCommand::Create { role, name, client } => {
+                access::create(&Api::new(&client)?, &role, &name).await
+            }
+            ApikeyCommand::List(client) => access::list(&Api::new(&client)?).await,
+            ApikeyCommand::Revoke { id, client } => access::revoke(&Api::new(&client)?, &id).await,
+        },
+        Command::Audit {
+            since,
+            limit,
+            client,
+        } => access::audit(&Api::new(&client)?, since.unwrap_or(0), limit).await,
         Command::Model { command } => match command {
             ModelCommand::Get { key, out, client } => {
                 jobs::model_get(&Api::new(&client)?, &key, &out).await

@@ -18,6 +18,8 @@ pub const DEFAULT_API: &str = "127.0.0.1:7070";
 pub const DEFAULT_LISTEN: [&str; 2] = ["/ip4/0.0.0.0/tcp/4001", "/ip4/0.0.0.0/udp/4001/quic-v1"];
 /// Default largest blob a node accepts, by upload or fetch: 64 GiB.
 pub const DEFAULT_MAX_BLOB_SIZE: u64 = 64 << 30;
+/// Requests per second an API key may make by default.
+pub const DEFAULT_API_RATE_LIMIT: u32 = 50;
 /// Longest node name; names are DNS-label-like so they survive logs and URLs.
 pub const MAX_NAME_LEN: usize = 63;
 
@@ -36,6 +38,8 @@ pub struct NodeConfig {
     pub bootstrap: Vec<Multiaddr>,
     /// File holding the admin API key; required when the API is not on loopback.
     pub api_key_file: Option<PathBuf>,
+    /// Requests per second each API key may make (0 = no limit).
+    pub api_rate_limit: u32,
     /// Cap on the rate this node serves blob bytes to others (0 = no cap).
     pub blob_serve_bytes_per_sec: u64,
     /// Largest blob accepted by upload or fetch.
@@ -103,6 +107,7 @@ struct FileConfig {
     api: Option<String>,
     bootstrap: Option<Vec<String>>,
     api_key_file: Option<PathBuf>,
+    api_rate_limit: Option<u32>,
     blob_serve_bytes_per_sec: Option<u64>,
     max_blob_size: Option<u64>,
     join: Option<String>,
@@ -155,6 +160,10 @@ impl NodeConfig {
                 })?,
             bootstrap: parse_addrs("bootstrap", &bootstrap)?,
             api_key_file: args.api_key_file.clone().or(file.api_key_file),
+            api_rate_limit: args
+                .api_rate_limit
+                .or(file.api_rate_limit)
+                .unwrap_or(DEFAULT_API_RATE_LIMIT),
             blob_serve_bytes_per_sec: args
                 .blob_serve_bytes_per_sec
                 .or(file.blob_serve_bytes_per_sec)

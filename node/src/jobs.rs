@@ -31,8 +31,8 @@ use crate::{
     network::{NetworkHandle, NodeEvent},
 };
 use agentmesh_consensus::{
-    fmt_node_id, Cluster, ClusterError, JobCommand, JobRecord, JobState, NodeId, RoundRecord,
-    RoundTiming,
+    fmt_node_id, Cluster, ClusterError, Command, JobCommand, JobRecord, JobState, NodeId,
+    RoundRecord, RoundTiming,
 };
 use agentmesh_federated::{Dataset, Model};
 use agentmesh_protocols::blob::BlobHash;
@@ -55,6 +55,8 @@ const FETCH_TIMEOUT: Duration = Duration::from_secs(60);
 const MODEL_LIMIT: u64 = agentmesh_federated::MAX_MODEL_FILE_SIZE as u64;
 /// Room for a safetensors header (names, shapes, metadata) above the parameters' bytes.
 const HEADER_ALLOWANCE: u64 = 1 << 20;
+/// How long an answer waits for this node to apply a write it sent to the leader.
+const APPLY_WAIT: Duration = Duration::from_secs(5);
 
 /// Why a job operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -189,7 +191,8 @@ impl Jobs {
     }
 
     /// Takes a submission: checks it, makes (or checks) the initial model, commits the job.
-    pub async fn submit(&self, spec_json: &str) -> Result<Value, JobError> {
+    /// `actor` is who asked, for the audit log.
+    pub async fn submit(&self, spec_json: &str, actor: &str) -> Result<Value, JobError> {
         let mut spec = JobSpec::parse(spec_json).map_err(JobError::Invalid)?;
         let arch = spec.architecture().map_err(JobError::Invalid)?;
         let id = hex::encode(rand::random::<[u8; 8]>());
@@ -238,10 +241,16 @@ impl Jobs {
             failed_attempts: 0,
             message: None,
         };
-        self.ctx
-            .cluster
-            .job_write(JobCommand::Submit(record.clone()))
+        let cluster = &self.ctx.cluster;
+        let detail = format!("{} rounds, {}", spec.rounds, spec.aggregator);
+        let entry = cluster.audit_entry(actor, "job.submit", &id, &detail);
+        cluster
+            .write_audited(entry, Command::Job(JobCommand::Submit(record.clone())))
             .await?;
+        // So that what the client does next through this node (status, cancel) finds it.
+        cluster
+            .wait_applied_here(APPLY_WAIT, |s| s.jobs.contains_key(&id))
+            .await;
         Ok(job_view(&record, true))
     }
 
@@ -268,29 +277,21 @@ impl Jobs {
     }
 
     /// Cancels a running job.
-    pub async fn cancel(&self, id: &str) -> Result<Value, JobError> {
+    /// `actor` is who asked, for the audit log.
+    pub async fn cancel(&self, id: &str, actor: &str) -> Result<Value, JobError> {
         self.record(id)?;
-        self.ctx
-            .cluster
-            .job_write(JobCommand::Cancel {
-                job_id: id.to_string(),
-            })
-            .await?;
+        let cluster = &self.ctx.cluster;
+        let entry = cluster.audit_entry(actor, "job.cancel", id, "");
+        let cmd = Command::Job(JobCommand::Cancel {
+            job_id: id.to_string(),
+        });
+        cluster.write_audited(entry, cmd).await?;
         // Committed through the leader; answer once this node has applied it too.
-        let mut applied = self.ctx.cluster.applied_watch();
-        let _ = tokio::time::timeout(Duration::from_secs(5), async {
-            loop {
-                let ended = self
-                    .ctx
-                    .cluster
-                    .read(|s| s.jobs.get(id).is_some_and(|j| j.state.is_final()))
-                    .unwrap_or(true);
-                if ended || applied.changed().await.is_err() {
-                    return;
-                }
-            }
-        })
-        .await;
+        cluster
+            .wait_applied_here(APPLY_WAIT, |s| {
+                s.jobs.get(id).is_none_or(|j| j.state.is_final())
+            })
+            .await;
         self.get(id)
     }
 

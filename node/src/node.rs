@@ -16,7 +16,7 @@ use agentmesh_consensus::{Cluster, Identity};
 use agentmesh_federated::{Dataset, ExternalTrainer};
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::json;
-use std::{path::Path, sync::Arc, time::Duration};
+use std::{net::SocketAddr, path::Path, sync::Arc, time::Duration};
 use tokio::sync::{broadcast, mpsc, watch};
 
 /// File in the data dir describing the running node (API address, listen
@@ -193,13 +193,14 @@ pub async fn run(config: NodeConfig) -> Result<()> {
         readiness: readiness.clone(),
         cluster: cluster.clone(),
         jobs,
-        api_key,
+        access: api::auth::Access::new(api_key, config.api_rate_limit),
         name: config.name.clone(),
         expects_peers: !config.bootstrap.is_empty(),
     });
     let mut api_shutdown = shutdown_rx.clone();
     let api_task = tokio::spawn(async move {
-        axum::serve(listener, api::router(state))
+        let app = api::router(state).into_make_service_with_connect_info::<SocketAddr>();
+        axum::serve(listener, app)
             .with_graceful_shutdown(async move {
                 let _ = api_shutdown.changed().await;
             })

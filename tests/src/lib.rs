@@ -146,6 +146,16 @@ impl Node {
     /// Starts `name` with data dir `root/name` and `extra` flags; listen and API
     /// addresses default to loopback port 0 unless `extra` sets them.
     pub async fn start(root: &Path, name: &str, extra: &[String]) -> Result<Self> {
+        Self::start_with(root, name, extra, &Launch::default()).await
+    }
+
+    /// [`Node::start`], launched as `launch` says.
+    pub async fn start_with(
+        root: &Path,
+        name: &str,
+        extra: &[String],
+        launch: &Launch,
+    ) -> Result<Self> {
         let mut args = vec!["start".to_string(), "--name".into(), name.into()];
         let defaults = loopback_args();
         for pair in defaults.chunks(2) {
@@ -154,7 +164,7 @@ impl Node {
             }
         }
         args.extend_from_slice(extra);
-        Self::spawn(root, name, &args).await
+        Self::spawn_with(root, name, &args, launch).await
     }
 
     /// Starts the binary with exactly `args` (plus `--data-dir`), waits for `node.json`.

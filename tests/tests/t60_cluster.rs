@@ -174,6 +174,32 @@ async fn forged_expired_and_foreign_tokens_are_refused() -> Result<()> {
         .send()
         .await?;
     assert_eq!(res.status().as_u16(), 400);
+
+    // The audit log names each refused join (written within seconds) and the one admitted.
+    wait_until(
+        "the joins in the audit log",
+        Duration::from_secs(20),
+        || async {
+            let log = a.get_json("/v1/audit").await?;
+            let log = log.as_array().cloned().unwrap_or_default();
+            let refused = |why: &str| {
+                log.iter().any(|e| {
+                    e["action"] == "token.refused"
+                        && e["outcome"].as_str().is_some_and(|o| o.contains(why))
+                })
+            };
+            let admitted = log.iter().any(|e| {
+                e["action"] == "member.join"
+                    && e["target"] == joined.info.peer_id.as_str()
+                    && e["outcome"] == "ok"
+            });
+            Ok(refused("belongs to cluster")
+                && refused("signature is invalid")
+                && refused("expired")
+                && admitted)
+        },
+    )
+    .await?;
     Ok(())
 }
 

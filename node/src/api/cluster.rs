@@ -1,10 +1,10 @@
 //! Cluster endpoints: `/v1/cluster`, `/v1/tokens`, `/v1/kv`, `/v1/rename`.
 
-use super::{read_limited, ApiError, Shared};
+use super::{auth::Caller, read_limited, ApiError, Shared};
 use agentmesh_consensus::{ClusterError, Rejection, MAX_VALUE_LEN};
 use axum::{
     body::Body,
-    extract::{DefaultBodyLimit, Path, Query, State},
+    extract::{DefaultBodyLimit, Extension, Path, Query, State},
     http::StatusCode,
     routing::{get, post},
     Json, Router,
@@ -23,6 +23,7 @@ impl From<ClusterError> for ApiError {
         let status = match &e {
             ClusterError::NoLeader(_) | ClusterError::NotMember => StatusCode::SERVICE_UNAVAILABLE,
             ClusterError::Rejected(Rejection::VersionMismatch { .. }) => StatusCode::CONFLICT,
+            ClusterError::Rejected(Rejection::NoSuchApiKey(_)) => StatusCode::NOT_FOUND,
             ClusterError::Rejected(Rejection::QuotaExceeded { .. }) => {
                 StatusCode::INSUFFICIENT_STORAGE
             }
@@ -92,7 +93,11 @@ struct TokenRequest {
     ttl_secs: Option<u64>,
 }
 
-async fn token(State(s): State<Shared>, body: Body) -> Result<Json<Value>, ApiError> {
+async fn token(
+    State(s): State<Shared>,
+    Extension(caller): Extension<Caller>,
+    body: Body,
+) -> Result<Json<Value>, ApiError> {
     let bytes = read_limited(body, MAX_SMALL_BODY).await?;
     let req: TokenRequest = if bytes.iter().all(u8::is_ascii_whitespace) {
         TokenRequest { ttl_secs: None }
@@ -101,7 +106,7 @@ async fn token(State(s): State<Shared>, body: Body) -> Result<Json<Value>, ApiEr
             .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))?
     };
     let ttl = Duration::from_secs(req.ttl_secs.unwrap_or(24 * 3600));
-    let (token, expires_at) = s.cluster.issue_token(ttl)?;
+    let (token, expires_at) = s.cluster.issue_token(ttl, &caller.actor).await?;
     Ok(Json(json!({ "token": token, "expires_at": expires_at })))
 }
 
@@ -171,9 +176,13 @@ struct RenameRequest {
     name: String,
 }
 
-async fn rename(State(s): State<Shared>, body: Body) -> Result<Json<Value>, ApiError> {
+async fn rename(
+    State(s): State<Shared>,
+    Extension(caller): Extension<Caller>,
+    body: Body,
+) -> Result<Json<Value>, ApiError> {
     let req: RenameRequest = json_body(body, MAX_SMALL_BODY).await?;
     crate::config::validate_name(&req.name).map_err(|e| ApiError::bad_request(e.to_string()))?;
-    s.cluster.rename(&req.name).await?;
+    s.cluster.rename(&req.name, &caller.actor).await?;
     Ok(Json(json!({ "name": req.name })))
 }

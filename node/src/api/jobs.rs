@@ -1,12 +1,12 @@
 //! Job endpoints: `/v1/jobs`, `/v1/jobs/{id}`, `/v1/jobs/{id}/cancel`, `/v1/jobs/{id}/verify`,
 //! and `/v1/models/{hash}`.
 
-use super::{read_limited, ApiError, Shared};
+use super::{auth::Caller, read_limited, ApiError, Shared};
 use crate::jobs::JobError;
 use agentmesh_consensus::MAX_JOB_SPEC_LEN;
 use axum::{
     body::Body,
-    extract::{DefaultBodyLimit, Path, Query, State},
+    extract::{DefaultBodyLimit, Extension, Path, Query, State},
     http::{header, StatusCode},
     response::{IntoResponse, Response},
     routing::{get, post},
@@ -40,12 +40,16 @@ pub(super) fn routes() -> Router<Shared> {
 
 async fn submit(
     State(s): State<Shared>,
+    Extension(caller): Extension<Caller>,
     body: Body,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     let bytes = read_limited(body, MAX_JOB_SPEC_LEN).await?;
     let text = std::str::from_utf8(&bytes)
         .map_err(|_| ApiError::bad_request("the job spec is not UTF-8 text"))?;
-    Ok((StatusCode::CREATED, Json(s.jobs.submit(text).await?)))
+    Ok((
+        StatusCode::CREATED,
+        Json(s.jobs.submit(text, &caller.actor).await?),
+    ))
 }
 
 async fn list(State(s): State<Shared>) -> Result<Json<Value>, ApiError> {
@@ -56,8 +60,12 @@ async fn job(State(s): State<Shared>, Path(id): Path<String>) -> Result<Json<Val
     Ok(Json(s.jobs.get(&id)?))
 }
 
-async fn cancel(State(s): State<Shared>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
-    Ok(Json(s.jobs.cancel(&id).await?))
+async fn cancel(
+    State(s): State<Shared>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    Ok(Json(s.jobs.cancel(&id, &caller.actor).await?))
 }
 
 #[derive(Deserialize)]

@@ -1,0 +1,99 @@
+//! API keys and the audit log: `/v1/apikeys` and `/v1/audit` (admin only).
+
+use super::{auth::Caller, read_limited, ApiError, Shared};
+use agentmesh_consensus::{ApiKeyRecord, Role, MAX_AUDIT_READ};
+use axum::{
+    body::Body,
+    extract::{Extension, Path, Query, State},
+    http::StatusCode,
+    routing::{delete, get},
+    Json, Router,
+};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+/// Largest body of `POST /v1/apikeys`.
+const MAX_KEY_BODY: usize = 4096;
+
+pub(super) fn routes() -> Router<Shared> {
+    Router::new()
+        .route("/v1/apikeys", get(list).post(create))
+        .route("/v1/apikeys/{id}", delete(revoke))
+        .route("/v1/audit", get(audit))
+}
+
+/// A key record as the API shows it: never the hash.
+fn key_json(k: &ApiKeyRecord) -> Value {
+    json!({
+        "id": k.id,
+        "name": k.name,
+        "role": k.role,
+        "created_at_ms": k.created_at_ms,
+        "created_by": k.created_by,
+        "revoked_at_ms": k.revoked_at_ms,
+    })
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateRequest {
+    role: String,
+    #[serde(default)]
+    name: String,
+}
+
+async fn create(
+    State(s): State<Shared>,
+    Extension(caller): Extension<Caller>,
+    body: Body,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let bytes = read_limited(body, MAX_KEY_BODY).await?;
+    let req: CreateRequest = serde_json::from_slice(&bytes)
+        .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))?;
+    let role: Role = req.role.parse().map_err(ApiError::bad_request)?;
+    let new = s
+        .cluster
+        .create_api_key(&req.name, role, &caller.actor)
+        .await?;
+    let mut v = key_json(&new.record);
+    v["key"] = json!(new.key);
+    Ok((StatusCode::CREATED, Json(v)))
+}
+
+async fn list(State(s): State<Shared>) -> Result<Json<Value>, ApiError> {
+    let keys = s.cluster.api_keys()?;
+    Ok(Json(Value::Array(keys.iter().map(key_json).collect())))
+}
+
+async fn revoke(
+    State(s): State<Shared>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    s.cluster.revoke_api_key(&id, &caller.actor).await?;
+    Ok(Json(json!({ "id": id, "revoked": true })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AuditQuery {
+    /// Entries after this sequence number.
+    #[serde(default)]
+    after: u64,
+    /// Entries at or after this time (unix milliseconds).
+    #[serde(default)]
+    since_ms: u64,
+    /// At most this many (default and cap: 1000).
+    limit: Option<u32>,
+}
+
+async fn audit(
+    State(s): State<Shared>,
+    Query(q): Query<AuditQuery>,
+) -> Result<Json<Value>, ApiError> {
+    let entries = s
+        .cluster
+        .audit_log(q.after, q.since_ms, q.limit.unwrap_or(MAX_AUDIT_READ))
+        .await?;
+    Ok(Json(serde_json::to_value(entries).unwrap_or_default()))
+}
