@@ -1560,8 +1560,7 @@ impl Inner {
         );
         if raft_message && !self.takes_raft_from(caller_id).await {
             return RpcResponse::Refused(format!(
-                "peer {caller} is not a member of this cluster (nor in the set this node \
-                 promised to found with)"
+                "peer {caller} is not in the set this node promised to found with"
             ));
         }
         match request {
@@ -1676,27 +1675,6 @@ impl Inner {
     /// end its founding, so until then only the set it promised may send Raft messages (and
     /// anyone once it has joined by key).
     async fn takes_raft_from(&self, caller: NodeId) -> bool {
-        // In a cluster, Raft is spoken with its members only: those in the Raft membership
-        // (which may run ahead of the applied registry) and the registry's active members.
-        // A removed member is cut off as soon as its removal is in our log.
-        let in_cluster = self
-            .state
-            .read()
-            .is_ok_and(|a| a.state.cluster_id.is_some());
-        if in_cluster {
-            let in_raft = {
-                let metrics = self.raft.metrics();
-                let m = metrics.borrow();
-                m.membership_config.membership().get_node(&caller).is_some()
-            };
-            return in_raft
-                || self.state.read().is_ok_and(|a| {
-                    a.state
-                        .members
-                        .get(&caller)
-                        .is_some_and(|m| m.state == MemberState::Active)
-                });
-        }
         let mut b = self.bootstrap.lock().await;
         if !b.waiting || b.joined {
             return true;

@@ -141,21 +141,3 @@ pub(crate) fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, St
 pub fn fuzz_decode_request(bytes: &[u8]) -> bool {
     decode::<RpcRequest>(bytes).is_ok()
 }
-
-/// For tests that play a hostile peer: a Raft vote request for `term` in `candidate`'s name,
-/// claiming a log far ahead of anyone's (so a node that listened would grant it and step down).
-#[doc(hidden)]
-pub fn hostile_vote_request(term: u64, candidate: NodeId) -> Vec<u8> {
-    let vote = openraft::Vote::new(term, candidate);
-    let last = openraft::LogId::new(openraft::CommittedLeaderId::new(term, candidate), 1 << 40);
-    encode(&RpcRequest::Vote(VoteRequest::new(vote, Some(last))))
-}
-
-/// For tests: the reason, if `bytes` is a response refusing the request.
-#[doc(hidden)]
-pub fn refusal_reason(bytes: &[u8]) -> Option<String> {
-    match decode::<RpcResponse>(bytes) {
-        Ok(RpcResponse::Refused(reason)) => Some(reason),
-        _ => None,
-    }
-}
