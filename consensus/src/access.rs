@@ -18,6 +18,9 @@ pub const MAX_API_KEY_LEN: usize = 128;
 pub const MAX_API_KEYS: usize = 4096;
 /// Audit entries kept; older ones are dropped first.
 pub const MAX_AUDIT_ENTRIES: usize = 10_000;
+/// Of those, at most this many are refusals ([`AuditEntry::is_refusal`]): a flood of refused
+/// requests drops older refusals, never the records of changes.
+pub const MAX_AUDIT_REFUSALS: usize = 2_000;
 /// Longest text field of an audit entry, in bytes; longer text is cut.
 pub const MAX_AUDIT_FIELD: usize = 256;
 /// Most entries one audit command may add.
@@ -215,6 +218,15 @@ impl AuditEntry {
             detail: clip(detail),
             outcome: "ok".into(),
         }
+    }
+
+    /// Whether this records something refused before it changed anything (a request or a
+    /// join token turned away): what outsiders can cause, and so kept under its own cap.
+    pub fn is_refusal(&self) -> bool {
+        matches!(
+            self.action.as_str(),
+            "auth.rejected" | "token.refused" | "audit.overflow"
+        )
     }
 
     /// The same entry with another outcome.

@@ -56,9 +56,19 @@ struct Proposal {
 }
 
 fn approx_size(cmd: &Command) -> usize {
+    let audit_size = |e: &crate::access::AuditEntry| {
+        64 + e.actor.len()
+            + e.via.len()
+            + e.action.len()
+            + e.target.len()
+            + e.detail.len()
+            + e.outcome.len()
+    };
     match cmd {
         Command::KvPut { key, value, .. } => key.len() + value.len() + 32,
         Command::KvDelete { key, .. } => key.len() + 32,
+        Command::Audit(entries) => entries.iter().map(audit_size).sum(),
+        Command::Audited { entry, cmd } => audit_size(entry) + approx_size(cmd),
         _ => 512,
     }
 }
@@ -1403,22 +1413,32 @@ impl Inner {
                 "the cluster is still being founded".into(),
             ));
         };
-        let checked = self.check_join_token(token, &cluster_id, now);
-        if let Err(e) = &checked {
+        // Refusals are queued, not written: a stranger must not be able to drive the log.
+        let refuse = |e: ClusterError| {
             self.audit_later(
                 audit::entry_now(
                     &self.identity.peer_id,
                     &format!("node:{}", member.peer_id),
                     "token.refused",
                     &member.peer_id,
-                    &member.name,
+                    "",
                 )
                 .with_outcome(&format!("refused: {e}")),
             );
+            e
+        };
+        let checked = self
+            .check_join_token(token, &cluster_id, now)
+            .map_err(refuse)?;
+        let former = {
+            let applied = self.state.read().map_err(|_| poisoned())?;
+            applied.state.members.contains_key(&member.node_id)
+        };
+        if checked.is_none() && key_proof.is_none() && !former {
+            return Err(refuse(Rejection::TokenRequired.into()));
         }
-        let checked = checked?;
         let by_key = match (&checked, key_proof) {
-            (None, Some(proof)) => self.check_key_proof(&member, &proof)?,
+            (None, Some(proof)) => self.check_key_proof(&member, &proof).map_err(refuse)?,
             _ => false,
         };
         let how = match (&checked, by_key) {

@@ -26,7 +26,7 @@ mod types;
 pub use access::{
     api_key_id, generate_api_key, hash_api_key, key_matches, ApiKeyCommand, ApiKeyRecord,
     AuditEntry, NewApiKey, Role, API_KEY_PREFIX, MAX_API_KEYS, MAX_API_KEY_LEN, MAX_AUDIT_BATCH,
-    MAX_AUDIT_ENTRIES, MAX_AUDIT_FIELD,
+    MAX_AUDIT_ENTRIES, MAX_AUDIT_FIELD, MAX_AUDIT_REFUSALS,
 };
 pub use bootstrap::{BootstrapStep, MAX_BOOTSTRAP_EXPECT};
 pub use cluster::{

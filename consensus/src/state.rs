@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::access::{
     ApiKeyCommand, ApiKeyRecord, AuditEntry, MAX_API_KEYS, MAX_AUDIT_BATCH, MAX_AUDIT_ENTRIES,
+    MAX_AUDIT_REFUSALS,
 };
 use crate::jobs::{JobRecord, TrainerInfo};
 use crate::types::{Command, CommandResult, MemberRecord, MemberState, NodeId, Rejection};
@@ -87,12 +88,16 @@ pub struct ClusterState {
     /// Bytes held by keys and values, for the quota.
     #[serde(skip)]
     kv_bytes: usize,
+    /// Audit entries that are refusals, for their cap.
+    #[serde(skip)]
+    audit_refusals: usize,
 }
 
 impl ClusterState {
     /// Recomputes derived fields after loading.
     pub(crate) fn rebuild(&mut self) {
         self.kv_bytes = self.kv.iter().map(|(k, v)| k.len() + v.value.len()).sum();
+        self.audit_refusals = self.audit.values().filter(|e| e.is_refusal()).count();
     }
 
     /// Applies `cmd`, recording what changed in `touched`.
@@ -252,16 +257,34 @@ impl ClusterState {
         }
     }
 
-    /// Appends an audit entry with the next sequence number, dropping the oldest beyond
-    /// [`MAX_AUDIT_ENTRIES`].
+    /// Appends an audit entry with the next sequence number. Beyond [`MAX_AUDIT_REFUSALS`]
+    /// refusals the oldest refusal goes; beyond [`MAX_AUDIT_ENTRIES`] the oldest entry.
     fn record_audit(&mut self, entry: AuditEntry, touched: &mut Vec<Touched>) {
         let seq = self.audit.last_key_value().map_or(1, |(s, _)| s + 1);
         let mut entry = entry.clipped();
         entry.seq = seq;
+        if entry.is_refusal() {
+            self.audit_refusals += 1;
+        }
         self.audit.insert(seq, entry);
         touched.push(Touched::Audit(seq));
+        if self.audit_refusals > MAX_AUDIT_REFUSALS {
+            let oldest = self
+                .audit
+                .iter()
+                .find(|(_, e)| e.is_refusal())
+                .map(|(s, _)| *s);
+            if let Some(old) = oldest {
+                self.audit.remove(&old);
+                self.audit_refusals -= 1;
+                touched.push(Touched::Audit(old));
+            }
+        }
         while self.audit.len() > MAX_AUDIT_ENTRIES {
-            if let Some((old, _)) = self.audit.pop_first() {
+            if let Some((old, e)) = self.audit.pop_first() {
+                if e.is_refusal() {
+                    self.audit_refusals -= 1;
+                }
                 touched.push(Touched::Audit(old));
             }
         }
@@ -542,6 +565,33 @@ mod tests {
             s.apply(&too_many, &mut touched),
             CommandResult::Rejected(Rejection::Malformed(_))
         ));
+    }
+
+    #[test]
+    fn a_flood_of_refusals_never_evicts_the_record_of_changes() {
+        let mut s = ClusterState::default();
+        let mut touched = Vec::new();
+        let change = AuditEntry::new(1, "admin-key", "v", "apikey.create", "k", "admin");
+        s.apply(&Command::Audit(vec![change]), &mut touched);
+        let refused = AuditEntry::new(2, "client:10.0.0.9", "v", "auth.rejected", "GET", "")
+            .with_outcome("refused: 401");
+        for _ in 0..(MAX_AUDIT_ENTRIES + 10) {
+            s.apply(&Command::Audit(vec![refused.clone()]), &mut touched);
+        }
+        assert_eq!(s.audit.len(), MAX_AUDIT_REFUSALS + 1);
+        assert_eq!(
+            s.audit.values().filter(|e| e.is_refusal()).count(),
+            MAX_AUDIT_REFUSALS
+        );
+        assert_eq!(
+            s.audit.get(&1).map(|e| e.action.as_str()),
+            Some("apikey.create")
+        );
+        // The derived count survives a reload.
+        let mut reloaded = s.clone();
+        reloaded.audit_refusals = 0;
+        reloaded.rebuild();
+        assert_eq!(reloaded.audit_refusals, MAX_AUDIT_REFUSALS);
     }
 
     #[test]

@@ -17,7 +17,7 @@ use axum::{
     body::Body,
     extract::{
         ws::{Message, WebSocket, WebSocketUpgrade},
-        DefaultBodyLimit, Path, Query, State,
+        DefaultBodyLimit, Extension, Path, Query, State,
     },
     http::{header, StatusCode},
     middleware,
@@ -463,8 +463,21 @@ async fn blob_providers(
     ))
 }
 
-async fn get_blob(State(s): State<Shared>, Path(hash): Path<String>) -> Result<Response, ApiError> {
+async fn get_blob(
+    State(s): State<Shared>,
+    Extension(caller): Extension<auth::Caller>,
+    Path(hash): Path<String>,
+) -> Result<Response, ApiError> {
     let hash = parse_hash(&hash)?;
+    // Reading what the node holds is a viewer's right; making it download is an operator's.
+    if caller.role < agentmesh_consensus::Role::Operator && s.store.manifest(&hash)?.is_none() {
+        return Err(ApiError(
+            StatusCode::FORBIDDEN,
+            format!(
+                "this node does not hold {hash}; fetching it from the mesh needs the operator role"
+            ),
+        ));
+    }
     s.fetcher.fetch(hash).await?;
     let path = s.store.path(&hash);
     let file = tokio::fs::File::open(&path).await.map_err(|e| {

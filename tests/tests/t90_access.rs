@@ -213,6 +213,30 @@ async fn keys_roles_revocation_rate_limits_and_the_audit_log() -> Result<()> {
             assert_eq!(got, want, "{} {} -> {body}", c.method, c.path);
         }
     }
+    // A viewer reads blobs a node holds, but cannot make a node download one.
+    let put = reqwest::Client::new()
+        .post(b.url("/v1/blobs"))
+        .bearer_auth(&operator)
+        .body(vec![7u8; 4096])
+        .send()
+        .await?;
+    assert_eq!(put.status(), S::OK);
+    let hash = put.json::<Value>().await?["hash"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let blob = format!("/v1/blobs/{hash}");
+    assert_eq!(
+        status_of(b, Some(&viewer), Method::GET, &blob, None).await?,
+        S::OK
+    );
+    let (s, body, _) = call(a, Some(&viewer), Method::GET, &blob, None).await?;
+    assert_eq!(s, S::FORBIDDEN, "{body}");
+    assert_eq!(
+        status_of(a, Some(&operator), Method::GET, &blob, None).await?,
+        S::OK
+    );
+
     // The operator submits and cancels a job; the admin issues a token through b.
     let spec = json!({"model": "softmax", "dataset_features": 64, "classes": 10, "rounds": 3});
     let (s, job, _) = call(b, Some(&operator), Method::POST, "/v1/jobs", Some(spec)).await?;

@@ -22,7 +22,7 @@ const REVOKE_APPLY_WAIT: Duration = Duration::from_secs(5);
 /// How often coalesced audit entries are written.
 const FLUSH_EVERY: Duration = Duration::from_secs(2);
 /// Distinct coalesced entries held between flushes; beyond this they are counted only.
-const MAX_PENDING: usize = 256;
+const MAX_PENDING: usize = 64;
 
 /// Audit entries waiting to be written, merged by everything but time and count, so a flood
 /// of refused requests costs one entry per kind every [`FLUSH_EVERY`], not one per request.
@@ -213,13 +213,21 @@ impl Cluster {
             at_ms: unix_ms(),
         });
         self.write_audited(entry, cmd).await?;
-        self.wait_applied_here(REVOKE_APPLY_WAIT, |s| {
-            s.api_keys
-                .get(id)
-                .is_some_and(|k| k.revoked_at_ms.is_some())
-        })
-        .await;
-        Ok(())
+        let applied = self
+            .wait_applied_here(REVOKE_APPLY_WAIT, |s| {
+                s.api_keys
+                    .get(id)
+                    .is_some_and(|k| k.revoked_at_ms.is_some())
+            })
+            .await;
+        if applied {
+            Ok(())
+        } else {
+            Err(ClusterError::Unavailable(format!(
+                "key {id} is revoked in the cluster, but this node has not applied it within \
+                 {REVOKE_APPLY_WAIT:?}; it may still accept the key until it does"
+            )))
+        }
     }
 
     /// All API key records, revoked ones included, from this node's applied state.
@@ -259,10 +267,14 @@ pub(super) async fn flush_loop(inner: Weak<Inner>) {
         if entries.is_empty() {
             continue;
         }
-        if let Err(e) = cluster.audit(entries.clone()).await {
-            tracing::warn!(error = %e, "writing audit entries; retrying");
-            if let Ok(mut b) = cluster.inner.audit_buffer.lock() {
-                b.put_back(entries);
+        // Chunk by chunk, so that after a failure only what did not commit is retried.
+        for (i, chunk) in entries.chunks(MAX_AUDIT_BATCH).enumerate() {
+            if let Err(e) = cluster.write(Command::Audit(chunk.to_vec())).await {
+                tracing::warn!(error = %e, "writing audit entries; retrying");
+                if let Ok(mut b) = cluster.inner.audit_buffer.lock() {
+                    b.put_back(entries[i * MAX_AUDIT_BATCH..].to_vec());
+                }
+                break;
             }
         }
     }

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use agentmesh_consensus::Role;
 use axum::{
-    extract::{ConnectInfo, Request, State},
+    extract::{ConnectInfo, MatchedPath, Request, State},
     http::{header, HeaderValue, Method, StatusCode},
     middleware::Next,
     response::{IntoResponse, Response},
@@ -152,11 +152,17 @@ fn refuse(s: &Shared, req: &Request, bearer: Option<&str>, refusal: Refusal) -> 
         .extensions()
         .get::<ConnectInfo<SocketAddr>>()
         .map_or_else(|| "unknown".to_string(), |c| c.0.ip().to_string());
-    let what = format!("{} {}", req.method(), req.uri().path());
-    // The log names a presented key by its id only, never the secret.
+    // The route, not the raw path: a client must not be able to make every refusal distinct.
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or("?", MatchedPath::as_str);
+    let what = format!("{} {route}", req.method());
+    // The log names a valid key by its id only, never the secret. (A refused key's id is
+    // left out: a client could vary it to make every refusal distinct.)
     let key_id = bearer
         .and_then(agentmesh_consensus::api_key_id)
-        .map_or("no valid key id", |id| id);
+        .unwrap_or("-");
     let (status, message, detail) = match refusal {
         Refusal::NoKey => (
             StatusCode::UNAUTHORIZED,
@@ -166,7 +172,7 @@ fn refuse(s: &Shared, req: &Request, bearer: Option<&str>, refusal: Refusal) -> 
         Refusal::BadKey => (
             StatusCode::UNAUTHORIZED,
             "unknown, revoked or malformed API key".to_string(),
-            format!("bad key ({key_id})"),
+            "bad key".to_string(),
         ),
         Refusal::Forbidden { have, need } => (
             StatusCode::FORBIDDEN,
