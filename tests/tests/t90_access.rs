@@ -364,3 +364,44 @@ async fn keys_roles_revocation_rate_limits_and_the_audit_log() -> Result<()> {
     );
     Ok(())
 }
+
+/// Without `--api-key-file` a keyless request is a local admin only when it plainly comes
+/// from a program on the machine: a web page (an `Origin` header, or a DNS-rebound `Host`)
+/// gets 401, and so cannot drive the API through the user's browser.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_keyless_loopback_api_refuses_web_pages() -> Result<()> {
+    let root = tempfile::tempdir()?;
+    let node = Node::start(root.path(), "local", &[]).await?;
+    let http = reqwest::Client::new();
+    let plain = http.get(node.url("/v1/status")).send().await?;
+    assert_eq!(plain.status(), StatusCode::OK);
+    let rebound = http
+        .get(node.url("/v1/status"))
+        .header(
+            "host",
+            format!(
+                "rebound.example:{}",
+                node.info.api.rsplit(':').next().unwrap_or("")
+            ),
+        )
+        .send()
+        .await?;
+    assert_eq!(rebound.status(), StatusCode::UNAUTHORIZED);
+    let page = http
+        .post(node.url("/v1/apikeys"))
+        .header("origin", "https://page.example")
+        .json(&json!({"role": "admin"}))
+        .send()
+        .await?;
+    assert_eq!(page.status(), StatusCode::UNAUTHORIZED);
+    // The same page with a key is an ordinary API client.
+    let (id, key) = create_key(&node, "viewer")?;
+    let keyed = http
+        .get(node.url("/v1/status"))
+        .header("origin", "https://page.example")
+        .bearer_auth(&key)
+        .send()
+        .await?;
+    assert_eq!(keyed.status(), StatusCode::OK, "{id}");
+    Ok(())
+}

@@ -81,11 +81,36 @@ enum Refusal {
     Limited(Duration),
 }
 
+/// Whether a keyless request really comes from a program on this machine, not from a web
+/// page in a browser here: browsers send `Origin` on cross-site requests and WebSockets,
+/// and a page that rebinds its own DNS name to 127.0.0.1 still sends that name as `Host`.
+fn plainly_local(headers: &axum::http::HeaderMap) -> bool {
+    if headers.contains_key(header::ORIGIN) {
+        return false;
+    }
+    let Some(host) = headers.get(header::HOST).and_then(|h| h.to_str().ok()) else {
+        return true;
+    };
+    // `127.0.0.1:7070`, `[::1]:7070`, `localhost:7070`, with or without the port.
+    let name = match host.strip_prefix('[') {
+        Some(rest) => rest.split(']').next().unwrap_or(""),
+        None => host.rsplit_once(':').map_or(host, |(h, _)| h),
+    };
+    name.eq_ignore_ascii_case("localhost")
+        || name
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
 /// Who presents `bearer`, if anyone acceptable.
-fn identify(s: &Shared, bearer: Option<&str>) -> Result<Caller, Refusal> {
+fn identify(
+    s: &Shared,
+    bearer: Option<&str>,
+    headers: &axum::http::HeaderMap,
+) -> Result<Caller, Refusal> {
     let access = &s.access;
     match bearer {
-        None if access.admin_key.is_none() => Ok(Caller {
+        None if access.admin_key.is_none() && plainly_local(headers) => Ok(Caller {
             actor: "local".into(),
             role: Role::Admin,
         }),
@@ -122,7 +147,7 @@ pub(super) async fn authorize(State(s): State<Shared>, mut req: Request, next: N
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim);
     let need = required_role(req.method(), req.uri().path());
-    let outcome = identify(&s, bearer).and_then(|caller| {
+    let outcome = identify(&s, bearer, req.headers()).and_then(|caller| {
         if caller.role < need {
             return Err(Refusal::Forbidden {
                 have: caller.role,
@@ -164,6 +189,13 @@ fn refuse(s: &Shared, req: &Request, bearer: Option<&str>, refusal: Refusal) -> 
         .and_then(agentmesh_consensus::api_key_id)
         .unwrap_or("-");
     let (status, message, detail) = match refusal {
+        Refusal::NoKey if s.access.admin_key.is_none() => (
+            StatusCode::UNAUTHORIZED,
+            "requests from web pages (with an Origin, or a Host that is not loopback) need an \
+             API key: send Authorization: Bearer KEY"
+                .to_string(),
+            "no key, not plainly local".to_string(),
+        ),
         Refusal::NoKey => (
             StatusCode::UNAUTHORIZED,
             "an API key is required: send Authorization: Bearer KEY".to_string(),
@@ -251,6 +283,42 @@ mod tests {
         assert_eq!(required_role(&get, "/v1/audit"), Role::Admin);
         // A prefix is not a match: /v1/auditx is not the audit log.
         assert_eq!(required_role(&get, "/v1/auditx"), Role::Viewer);
+    }
+
+    #[test]
+    fn only_plainly_local_requests_go_keyless() {
+        let h = |pairs: &[(header::HeaderName, &str)]| {
+            let mut m = axum::http::HeaderMap::new();
+            for (k, v) in pairs {
+                if let Ok(v) = v.parse() {
+                    m.insert(k.clone(), v);
+                }
+            }
+            m
+        };
+        for host in [
+            "127.0.0.1:7070",
+            "localhost:7070",
+            "[::1]:7070",
+            "127.0.0.1",
+            "LOCALHOST",
+        ] {
+            assert!(plainly_local(&h(&[(header::HOST, host)])), "{host}");
+        }
+        assert!(plainly_local(&h(&[])));
+        for host in [
+            "evil.example:7070",
+            "10.0.0.5:7070",
+            "[2001:db8::1]:7070",
+            "localhost.evil",
+        ] {
+            assert!(!plainly_local(&h(&[(header::HOST, host)])), "{host}");
+        }
+        let from_page = h(&[
+            (header::HOST, "127.0.0.1:7070"),
+            (header::ORIGIN, "https://evil.example"),
+        ]);
+        assert!(!plainly_local(&from_page));
     }
 
     #[test]
