@@ -13,8 +13,10 @@ use serde::Serialize;
 use tokio::sync::{mpsc, oneshot, watch};
 
 mod audit;
+mod gate;
 
 pub use audit::MAX_AUDIT_READ;
+pub use gate::MemberSet;
 
 use crate::bootstrap::{self, BootstrapState, BootstrapStep, Decline, HelloReply};
 use crate::cluster_key::ClusterKey;
@@ -319,6 +321,7 @@ struct Inner {
     proposals: mpsc::Sender<Proposal>,
     bootstrap: tokio::sync::Mutex<Bootstrap>,
     audit_buffer: audit::SharedAuditBuffer,
+    vouches: gate::Vouches,
 }
 
 /// A waiting node's side of founding by cluster key.
@@ -386,6 +389,7 @@ impl Cluster {
             proposals,
             bootstrap,
             audit_buffer: Default::default(),
+            vouches: Default::default(),
         });
         tokio::spawn(reconcile_loop(Arc::downgrade(&inner)));
         tokio::spawn(audit::flush_loop(Arc::downgrade(&inner)));
@@ -805,13 +809,14 @@ impl Cluster {
         nodes
     }
 
-    /// Whether this node left gracefully (or was never admitted) and should ask to come back.
+    /// Whether this node left gracefully, was removed, or was never admitted, and should ask
+    /// to come back.
     pub fn needs_rejoin(&self) -> bool {
         let left = self.inner.state.read().is_ok_and(|a| {
             a.state
                 .members
                 .get(&self.inner.id)
-                .is_some_and(|m| m.state == MemberState::Left)
+                .is_some_and(|m| m.state != MemberState::Active)
         });
         left || (self.inner.had_state && !self.is_member())
     }
@@ -938,6 +943,55 @@ impl Cluster {
         let token = JoinToken::issue(&self.inner.identity.signing_key, body);
         self.audit(vec![entry]).await?;
         Ok((token, expires_at))
+    }
+
+    /// Removes a member, named by peer id, node id or name; `actor` is the audit actor. The
+    /// other members stop serving it as soon as they apply the removal, the leader takes it
+    /// out of the Raft membership, and it needs a new join token to come back. Returns the
+    /// removed member once this node has applied the removal.
+    pub async fn remove_member(
+        &self,
+        who: &str,
+        actor: &str,
+    ) -> Result<MemberRecord, ClusterError> {
+        let member = self.read(|s| {
+            let mut found = s
+                .members
+                .values()
+                .filter(|m| m.peer_id == who || fmt_node_id(m.node_id) == who || m.name == who);
+            match (found.next(), found.next()) {
+                (Some(m), None) => Ok(m.clone()),
+                (Some(_), Some(_)) => Err(ClusterError::Invalid(format!(
+                    "{who:?} names more than one member; give the peer id"
+                ))),
+                (None, _) => Err(ClusterError::Invalid(format!("no member {who:?}"))),
+            }
+        })??;
+        if member.state != MemberState::Active {
+            return Err(ClusterError::Invalid(format!(
+                "{} is not an active member",
+                member.name
+            )));
+        }
+        let entry = self.audit_entry(actor, "member.remove", &member.peer_id, &member.name);
+        let cmd = Command::Remove {
+            node_id: member.node_id,
+        };
+        self.write_audited(entry, cmd).await?;
+        let id = member.node_id;
+        let applied = self
+            .wait_applied_here(CLIENT_TIMEOUT, |s| {
+                s.members
+                    .get(&id)
+                    .is_some_and(|m| m.state == MemberState::Removed)
+            })
+            .await;
+        if !applied {
+            return Err(ClusterError::Unavailable(
+                "the removal is committed but this node has not applied it yet".into(),
+            ));
+        }
+        Ok(member)
     }
 
     /// Leaves the cluster gracefully: marks this member as left and waits (bounded) until the
@@ -1578,10 +1632,20 @@ impl Inner {
             request,
             RpcRequest::AppendEntries(_) | RpcRequest::Vote(_) | RpcRequest::InstallSnapshot(_)
         );
-        if raft_message && !self.takes_raft_from(caller_id).await {
-            return RpcResponse::Refused(format!(
-                "peer {caller} is not in the set this node promised to found with"
-            ));
+        if raft_message {
+            if self.in_cluster() {
+                // A cluster speaks Raft with its members only; a removed member is cut off
+                // as soon as its removal is applied here.
+                if !self.admits_member(caller_id, caller).await {
+                    return RpcResponse::Refused(format!(
+                        "peer {caller} is not a member of this cluster"
+                    ));
+                }
+            } else if !self.takes_raft_from(caller_id).await {
+                return RpcResponse::Refused(format!(
+                    "peer {caller} is not in the set this node promised to found with"
+                ));
+            }
         }
         match request {
             RpcRequest::AppendEntries(r) => {
@@ -1655,6 +1719,10 @@ impl Inner {
                     })
                     .await;
                 RpcResponse::Client(reply.map_err(|e| e.to_remote()))
+            }
+            // Membership is no secret (peer ids are public in the DHT): anyone may ask.
+            RpcRequest::IsMember { node_id } => {
+                RpcResponse::IsMember(self.in_cluster() && self.knows_member(node_id))
             }
             RpcRequest::Hello { key_proof } => {
                 let holds_key = match (&self.identity.cluster_key, &key_proof) {

@@ -30,8 +30,8 @@ pub use access::{
 };
 pub use bootstrap::{BootstrapStep, MAX_BOOTSTRAP_EXPECT};
 pub use cluster::{
-    fmt_node_id, Cluster, ClusterError, Identity, MemberStatus, RaftStatus, CLIENT_TIMEOUT,
-    MAX_AUDIT_READ, MAX_LIST,
+    fmt_node_id, Cluster, ClusterError, Identity, MemberSet, MemberStatus, RaftStatus,
+    CLIENT_TIMEOUT, MAX_AUDIT_READ, MAX_LIST,
 };
 pub use cluster_key::{ClusterKey, ClusterKeyError, MAX_CLUSTER_KEY_FILE, MIN_CLUSTER_KEY_LEN};
 pub use config::{ClusterConfig, ConfigError};
@@ -41,7 +41,7 @@ pub use jobs::{
     MAX_PARTICIPANTS, MAX_ROUNDS, MAX_ROUND_ATTEMPTS,
 };
 pub use network::{CallFuture, Transport, TransportError};
-pub use rpc::{fuzz_decode_request, MAX_RPC_SIZE};
+pub use rpc::{fuzz_decode_request, hostile_vote_request, refusal_reason, MAX_RPC_SIZE};
 pub use state::{
     ClusterState, KvEntry, MAX_KEY_LEN, MAX_KV_BYTES, MAX_MEMBERS, MAX_NAME_LEN, MAX_VALUE_LEN,
 };

@@ -34,6 +34,10 @@ pub(crate) enum RpcRequest {
         #[serde(default, with = "serde_bytes")]
         key_proof: Option<Vec<u8>>,
     },
+    /// A member asking another whether it knows this node as a member (see `cluster/gate.rs`).
+    IsMember {
+        node_id: NodeId,
+    },
     /// A node waiting to found (or join) by cluster key greeting a peer.
     Hello {
         #[serde(with = "serde_bytes")]
@@ -65,6 +69,7 @@ pub(crate) enum RpcResponse {
     Hello(HelloReply),
     Proposal(Result<(), Decline>),
     Released,
+    IsMember(bool),
     /// The request could not be decoded or was not allowed.
     Refused(String),
 }
@@ -140,4 +145,22 @@ pub(crate) fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, St
 /// Decodes a request the way the node does on arrival; for fuzzing.
 pub fn fuzz_decode_request(bytes: &[u8]) -> bool {
     decode::<RpcRequest>(bytes).is_ok()
+}
+
+/// For tests that play a hostile peer: a Raft vote request for `term` in `candidate`'s name,
+/// claiming a log far ahead of anyone's (so a node that listened would grant it and step down).
+#[doc(hidden)]
+pub fn hostile_vote_request(term: u64, candidate: NodeId) -> Vec<u8> {
+    let vote = openraft::Vote::new(term, candidate);
+    let last = openraft::LogId::new(openraft::CommittedLeaderId::new(term, candidate), 1 << 40);
+    encode(&RpcRequest::Vote(VoteRequest::new(vote, Some(last))))
+}
+
+/// For tests: the reason, if `bytes` is a response refusing the request.
+#[doc(hidden)]
+pub fn refusal_reason(bytes: &[u8]) -> Option<String> {
+    match decode::<RpcResponse>(bytes) {
+        Ok(RpcResponse::Refused(reason)) => Some(reason),
+        _ => None,
+    }
 }

@@ -140,7 +140,18 @@ impl ClusterState {
                 self.join(member, token.as_ref(), *by_key, *now, touched)
             }
             Command::Leave { node_id } => {
+                if self
+                    .members
+                    .get(node_id)
+                    .is_some_and(|m| m.state == MemberState::Removed)
+                {
+                    // A removed member's own leave must not turn it into one that may return.
+                    return CommandResult::Done;
+                }
                 self.update_member(*node_id, touched, |m| m.state = MemberState::Left)
+            }
+            Command::Remove { node_id } => {
+                self.update_member(*node_id, touched, |m| m.state = MemberState::Removed)
             }
             Command::Rename { node_id, name } => {
                 self.update_member(*node_id, touched, |m| m.name.clone_from(name))
@@ -341,6 +352,14 @@ impl ClusterState {
             }
         }
         let former = self.members.get(&member.node_id);
+        if former.is_some_and(|m| m.state == MemberState::Removed) {
+            // Only a token issued after the removal brings a removed member back: not the
+            // cluster key, and not the token it first joined with.
+            let fresh = token.is_some_and(|t| !self.used_tokens.contains_key(&t.nonce));
+            if !fresh {
+                return CommandResult::Rejected(Rejection::Removed);
+            }
+        }
         match token {
             None if by_key => {
                 if former.is_none() && self.members.len() >= MAX_MEMBERS {
@@ -761,6 +780,65 @@ mod tests {
         );
         assert_eq!(r, CommandResult::Done);
         assert_eq!(s.active_members().count(), 1);
+    }
+
+    #[test]
+    fn a_removed_member_needs_a_token_issued_after_its_removal() {
+        let mut s = ClusterState::default();
+        apply(
+            &mut s,
+            1,
+            Command::Found {
+                cluster_id: "c".into(),
+                members: vec![member(1, "p1")],
+                cluster_key: Some(vec![0; 32]),
+            },
+        );
+        let first = TokenUse {
+            nonce: vec![1; 16],
+            expires_at: 100,
+        };
+        let join = |token: Option<TokenUse>, by_key| Command::Join {
+            member: member(2, "p2"),
+            token,
+            now: 10,
+            by_key,
+        };
+        assert_eq!(
+            apply(&mut s, 2, join(Some(first.clone()), false)),
+            CommandResult::Done
+        );
+        assert_eq!(
+            apply(&mut s, 3, Command::Remove { node_id: 2 }),
+            CommandResult::Done
+        );
+        assert_eq!(s.members[&2].state, MemberState::Removed);
+        // Its own leave afterwards does not make it a member that may return.
+        apply(&mut s, 4, Command::Leave { node_id: 2 });
+        assert_eq!(s.members[&2].state, MemberState::Removed);
+        for (i, (token, by_key)) in [(None, false), (None, true), (Some(first), false)]
+            .into_iter()
+            .enumerate()
+        {
+            assert_eq!(
+                apply(&mut s, 5 + i as u64, join(token, by_key)),
+                CommandResult::Rejected(Rejection::Removed),
+                "attempt {i}"
+            );
+        }
+        let fresh = TokenUse {
+            nonce: vec![2; 16],
+            expires_at: 100,
+        };
+        assert_eq!(
+            apply(&mut s, 9, join(Some(fresh), false)),
+            CommandResult::Done
+        );
+        assert_eq!(s.members[&2].state, MemberState::Active);
+        assert_eq!(
+            apply(&mut s, 10, Command::Remove { node_id: 7 }),
+            CommandResult::Rejected(Rejection::NotMember(7))
+        );
     }
 
     #[test]

@@ -59,6 +59,9 @@ pub enum MemberState {
     /// Left gracefully; the leader removes it from the Raft membership. It may come back as
     /// itself (same identity) without a token.
     Left,
+    /// Removed by an admin; the leader takes it out of the Raft membership and the other
+    /// members stop serving it at once. It needs a new join token to come back.
+    Removed,
 }
 
 /// One member of the registry: who it is and how to reach it.
@@ -133,6 +136,11 @@ pub enum Command {
     /// Marks a member as left; the leader then takes it out of the Raft membership.
     Leave {
         /// The member leaving.
+        node_id: NodeId,
+    },
+    /// Removes a member (an admin's decision, unlike [`Command::Leave`]).
+    Remove {
+        /// The member removed.
         node_id: NodeId,
     },
     /// Renames a member.
@@ -240,6 +248,9 @@ pub enum Rejection {
     /// A former member tried to come back without a token, but it was not a member that left.
     #[error("not a former member; a join token is needed")]
     TokenRequired,
+    /// A removed member asked to come back without a new token.
+    #[error("this node was removed from the cluster; it needs a new join token")]
+    Removed,
     /// A node joined by cluster key, but the cluster was founded without one.
     #[error("this cluster has no cluster key; join with a token")]
     NoClusterKey,

@@ -80,6 +80,14 @@ pub enum Command {
         #[command(subcommand)]
         command: KvCommand,
     },
+    /// Remove a member (by peer id, node id or name): the others stop serving it at once,
+    /// and it needs a new join token to come back. Needs an admin key.
+    Remove {
+        /// The member's peer id, node id or name.
+        member: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
     /// Rename this node everywhere in the cluster.
     Rename {
         /// New name.

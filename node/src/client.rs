@@ -154,6 +154,7 @@ pub async fn run(cmd: Command) -> Result<()> {
         Command::Cluster(args) => cluster(&Api::new(&args)?).await,
         Command::Token { ttl, client } => token(&Api::new(&client)?, ttl).await,
         Command::Rename { name, client } => rename(&Api::new(&client)?, &name).await,
+        Command::Remove { member, client } => remove(&Api::new(&client)?, &member).await,
         Command::Kv { command } => match command {
             KvCommand::Put {
                 key,
@@ -255,6 +256,22 @@ async fn token(api: &Api, ttl: Duration) -> Result<()> {
         ttl.as_secs()
     );
     println!("{}", s(&v, "token"));
+    Ok(())
+}
+
+async fn remove(api: &Api, member: &str) -> Result<()> {
+    if member.is_empty() || member.contains(['/', '?', '#', '%']) {
+        bail!("{member:?} is not a peer id, node id or member name");
+    }
+    let path = format!("/v1/cluster/members/{member}");
+    let v = api
+        .json(api.request(reqwest::Method::DELETE, &path))
+        .await?;
+    if api.json {
+        api.print_json(&v);
+    } else {
+        println!("removed {} ({})", s(&v, "name"), s(&v, "peer_id"));
+    }
     Ok(())
 }
 

@@ -15,6 +15,8 @@ pub struct Metrics {
     pub gossip_received: IntCounter,
     /// Gossip messages rejected at validation.
     pub gossip_rejected: IntCounter,
+    /// Blob requests refused because the peer is not a member of the cluster.
+    pub non_member_refusals: IntCounter,
     /// Blob chunks fetched and verified.
     pub blob_chunks_fetched: IntCounter,
     /// Blob chunks that failed verification.
@@ -68,6 +70,11 @@ impl Metrics {
                 &r,
                 "agentmesh_gossip_rejected_total",
                 "Gossip messages rejected at validation",
+            )?,
+            non_member_refusals: counter(
+                &r,
+                "agentmesh_non_member_refusals_total",
+                "Blob requests refused because the peer is not a member of the cluster",
             )?,
             blob_chunks_fetched: counter(
                 &r,

@@ -12,8 +12,8 @@ use crate::{
 use agentmesh_protocols::{
     blob::{BlobHash, BlobRequest, BlobResponse, ResponseBody},
     raft::RaftFrame,
-    Envelope, Kind, MeshBehaviour, MeshBehaviourEvent, MeshConfig, IDENTIFY_PROTOCOL_VERSION,
-    MAX_ENVELOPE_SIZE,
+    topic_score_params, Envelope, Kind, MeshBehaviour, MeshBehaviourEvent, MeshConfig,
+    IDENTIFY_PROTOCOL_VERSION, MAX_ENVELOPE_SIZE, NON_MEMBER_SCORE,
 };
 use futures::StreamExt;
 use libp2p::{
@@ -48,6 +48,10 @@ const MIN_BACKOFF: Duration = Duration::from_millis(500);
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
 /// How often the peer manager looks for peers to redial.
 const PEER_TICK: Duration = Duration::from_millis(500);
+/// How long a node in a cluster keeps a connection from a peer that is not a member: time
+/// for the join handshake (and for a joining node's admission to reach this node's log).
+/// Nothing but identify, ping, Kademlia and the handshake is served to it meanwhile.
+const STRANGER_GRACE: Duration = Duration::from_secs(30);
 
 /// Failures reported to callers of the handle.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -238,6 +242,17 @@ pub enum Command {
     Status(Reply<NetworkStatus>),
     /// Every known peer.
     Peers(Reply<Vec<PeerInfo>>),
+    /// The members of this node's cluster (`None`: not in a cluster, serve everyone).
+    SetMembers(Option<Members>),
+}
+
+/// Whom a node in a cluster serves gossip and blobs.
+#[derive(Debug, Clone, Default)]
+pub struct Members {
+    /// The cluster's members.
+    pub peers: HashSet<PeerId>,
+    /// Members an admin removed: disconnected at once.
+    pub removed: HashSet<PeerId>,
 }
 
 /// Cloneable handle to the swarm task.
@@ -330,6 +345,11 @@ impl NetworkHandle {
     /// Every known peer.
     pub async fn peers(&self) -> Result<Vec<PeerInfo>, NetworkError> {
         self.call(Command::Peers).await
+    }
+    /// Serve gossip and blobs to these members only (`None`: to everyone). Removed members
+    /// are disconnected at once; other connected non-members get [`STRANGER_GRACE`].
+    pub async fn set_members(&self, members: Option<Members>) {
+        let _ = self.tx.send(Command::SetMembers(members)).await;
     }
 }
 
@@ -486,6 +506,9 @@ pub fn spawn(
         pending_blob: HashMap::new(),
         pending_raft: HashMap::new(),
         kad_bootstrapped: false,
+        members: None,
+        removed: HashSet::new(),
+        strangers: HashMap::new(),
     };
     let join = tokio::spawn(async move { task.run().await });
     Ok((NetworkHandle { tx, local_peer_id }, ready_rx, join))
@@ -565,6 +588,13 @@ struct Task {
     pending_raft:
         HashMap<request_response::OutboundRequestId, Reply<Result<Vec<u8>, NetworkError>>>,
     kad_bootstrapped: bool,
+    /// The cluster's members, when this node is in one: the only peers served gossip, blobs
+    /// and Raft (see [`Task::is_member`]).
+    members: Option<HashSet<PeerId>>,
+    /// Members an admin removed: not even given the grace of a stranger.
+    removed: HashSet<PeerId>,
+    /// Connected peers that are not members, and since when.
+    strangers: HashMap<PeerId, Instant>,
 }
 
 fn valid_topic(topic: &str) -> bool {
@@ -649,9 +679,21 @@ impl Task {
         }
     }
 
-    /// Redials known peers and bootstrap addresses whose backoff has expired.
+    /// Redials known peers and bootstrap addresses whose backoff has expired, and closes
+    /// connections of non-members past their grace.
     fn redial(&mut self) {
         let now = Instant::now();
+        let overstayed: Vec<PeerId> = self
+            .strangers
+            .iter()
+            .filter(|(_, since)| now.duration_since(**since) >= STRANGER_GRACE)
+            .map(|(p, _)| *p)
+            .collect();
+        for peer in overstayed {
+            tracing::info!(%peer, "closing the connection of a peer that is not a member");
+            self.strangers.remove(&peer);
+            let _ = self.swarm.disconnect_peer_id(peer);
+        }
         for (i, (addr, backoff)) in self.bootstrap.iter_mut().enumerate() {
             let connected_to_it = addr.iter().any(|p| match p {
                 Protocol::P2p(peer) => self.live.contains_key(&peer),
@@ -685,6 +727,7 @@ impl Task {
             if peer == *self.swarm.local_peer_id()
                 || self.live.contains_key(&peer)
                 || addrs.is_empty()
+                || !self.members.as_ref().is_none_or(|m| m.contains(&peer))
             {
                 continue;
             }
@@ -712,6 +755,7 @@ impl Task {
             Command::Publish(topic, data, reply) => {
                 let _ = reply.send(self.publish(topic, data));
             }
+            Command::SetMembers(members) => self.set_members(members),
             Command::Subscribe(topic, reply) => {
                 if !valid_topic(&topic) {
                     let _ = reply.send(Err(NetworkError::InvalidTopic(topic)));
@@ -722,11 +766,13 @@ impl Task {
                     let _ = reply.send(Ok(()));
                     return;
                 }
-                let result = self
-                    .swarm
-                    .behaviour_mut()
-                    .gossipsub
-                    .subscribe(&gossipsub::IdentTopic::new(topic.clone()))
+                let ident = gossipsub::IdentTopic::new(topic.clone());
+                let gossip = &mut self.swarm.behaviour_mut().gossipsub;
+                if let Err(e) = gossip.set_topic_params(ident.clone(), topic_score_params()) {
+                    tracing::warn!(%e, "cannot set the topic's scoring");
+                }
+                let result = gossip
+                    .subscribe(&ident)
                     .map(|_| ())
                     .map_err(|e| NetworkError::Publish(e.to_string()));
                 // Counted only once the subscription really exists.
@@ -943,6 +989,7 @@ impl Task {
                 if num_established == 0 {
                     tracing::info!(%peer_id, ?cause, "peer down");
                     self.live.remove(&peer_id);
+                    self.strangers.remove(&peer_id);
                     self.backoff
                         .entry(peer_id)
                         .or_insert_with(Backoff::new)
@@ -1007,6 +1054,17 @@ impl Task {
         }
         let entry = self.live.entry(peer).or_default();
         entry.connections = num_established as usize;
+        if num_established == 1 && !self.is_member(&peer) {
+            if self.removed.contains(&peer) {
+                tracing::debug!(%peer, "a removed member connected; disconnecting it");
+                let _ = self.swarm.disconnect_peer_id(peer);
+            }
+            self.strangers.insert(peer, Instant::now());
+            self.swarm
+                .behaviour_mut()
+                .gossipsub
+                .set_application_score(&peer, NON_MEMBER_SCORE);
+        }
         if num_established == 1 {
             tracing::info!(%peer, addr = %endpoint.get_remote_address(), "peer up");
             // A peer enters the store only once we know how to reach it: we dialled
@@ -1157,16 +1215,33 @@ impl Task {
         else {
             return;
         };
+        use gossipsub::MessageAcceptance::{Accept, Ignore, Reject};
+        let author_is_member = message.source.is_some_and(|s| self.is_member(&s));
+        // (verdict, what a refusal costs the forwarder): a non-member forwarder or a bad
+        // message is rejected (and scored); a member forwarding a message whose author this
+        // node does not know as a member yet is ignored, not punished: the forwarder may
+        // simply have applied a join that this node has not.
         let verdict = match Envelope::decode(&message.data, MAX_ENVELOPE_SIZE) {
+            _ if !self.is_member(&propagation_source) => Err((
+                format!("forwarded by {propagation_source}, which is not a member"),
+                Reject,
+            )),
+            Ok(_) if !author_is_member => Err((
+                format!("published by {:?}, which is not a member", message.source),
+                Ignore,
+            )),
             Ok(env) if message.source == Some(env.sender()) && env.kind() == Kind::Publish => {
                 Ok(env)
             }
-            Ok(env) => Err(format!(
-                "envelope sender {} is not the signing peer {:?}",
-                env.sender(),
-                message.source
+            Ok(env) => Err((
+                format!(
+                    "envelope sender {} is not the signing peer {:?}",
+                    env.sender(),
+                    message.source
+                ),
+                Reject,
             )),
-            Err(e) => Err(e.to_string()),
+            Err(e) => Err((e.to_string(), Reject)),
         };
         let acceptance = match verdict {
             Ok(env) => {
@@ -1177,12 +1252,12 @@ impl Task {
                     message_id: env.id().to_string(),
                     data: env.into_payload(),
                 });
-                gossipsub::MessageAcceptance::Accept
+                Accept
             }
-            Err(reason) => {
+            Err((reason, acceptance)) => {
                 self.metrics.gossip_rejected.inc();
                 tracing::debug!(from = %propagation_source, %reason, "rejected gossip message");
-                gossipsub::MessageAcceptance::Reject
+                acceptance
             }
         };
         let _ = self
@@ -1198,6 +1273,19 @@ impl Task {
                 request_response::Message::Request {
                     request, channel, ..
                 } => {
+                    if !self.is_member(&peer) {
+                        self.metrics.non_member_refusals.inc();
+                        tracing::debug!(%peer, "refusing a blob request from a non-member");
+                        let refused = BlobResponse::new(ResponseBody::Error {
+                            message: "not a member of this node's cluster".into(),
+                        });
+                        let _ = self
+                            .swarm
+                            .behaviour_mut()
+                            .blob
+                            .send_response(channel, refused);
+                        return;
+                    }
                     let inbound = InboundBlobRequest {
                         peer,
                         request,
@@ -1246,6 +1334,42 @@ impl Task {
 }
 
 impl Task {
+    /// Whether `peer` is served gossip and blobs: a member of this node's cluster, or anyone
+    /// while the node is in none.
+    fn is_member(&self, peer: &PeerId) -> bool {
+        self.members.as_ref().is_none_or(|m| m.contains(peer))
+    }
+
+    /// Takes a new member set. Connected removed members are disconnected at once; other
+    /// non-members (strangers, members that left and are shutting down) get
+    /// [`STRANGER_GRACE`] from now.
+    fn set_members(&mut self, members: Option<Members>) {
+        self.removed = members
+            .as_ref()
+            .map(|m| m.removed.clone())
+            .unwrap_or_default();
+        self.members = members.map(|m| m.peers);
+        let now = Instant::now();
+        let connected: Vec<PeerId> = self.live.keys().copied().collect();
+        for peer in connected {
+            let member = self.is_member(&peer);
+            let score = if member { 0.0 } else { NON_MEMBER_SCORE };
+            self.swarm
+                .behaviour_mut()
+                .gossipsub
+                .set_application_score(&peer, score);
+            if member {
+                self.strangers.remove(&peer);
+            } else if self.removed.contains(&peer) {
+                tracing::info!(%peer, "removed from the cluster; disconnecting it");
+                self.strangers.remove(&peer);
+                let _ = self.swarm.disconnect_peer_id(peer);
+            } else {
+                self.strangers.entry(peer).or_insert(now);
+            }
+        }
+    }
+
     fn on_raft_event(&mut self, event: request_response::Event<RaftFrame, RaftFrame>) {
         match event {
             request_response::Event::Message { peer, message, .. } => match message {

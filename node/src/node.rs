@@ -123,6 +123,30 @@ pub async fn run(config: NodeConfig) -> Result<()> {
     .context("starting the Raft node")?;
     tokio::spawn(raft_glue::serve(cluster.clone(), net.clone(), raft_rx));
     {
+        // The mesh serves gossip and blobs to the cluster's members only.
+        let mut members = cluster.members_watch();
+        let net = net.clone();
+        tokio::spawn(async move {
+            loop {
+                let set = members.borrow_and_update().as_ref().map(|m| {
+                    let ids = |s: &std::collections::HashSet<String>| {
+                        s.iter()
+                            .filter_map(|p| p.parse::<libp2p::PeerId>().ok())
+                            .collect()
+                    };
+                    network::Members {
+                        peers: ids(&m.peers),
+                        removed: ids(&m.removed),
+                    }
+                });
+                net.set_members(set).await;
+                if members.changed().await.is_err() {
+                    break;
+                }
+            }
+        });
+    }
+    {
         // Leader changes go to `/v1/events` subscribers.
         let (cluster, events) = (cluster.clone(), events.clone());
         let mut leader = cluster.leader_watch();
@@ -137,7 +161,8 @@ pub async fn run(config: NodeConfig) -> Result<()> {
         });
     }
     let entry = if cluster.had_state() {
-        Entry::Resume
+        // A token given to a node with state is for coming back after a removal.
+        Entry::Resume(config.join.clone())
     } else if let Some(token) = &config.join {
         Entry::Join(token.clone())
     } else if has_key && (config.bootstrap_expect.is_some() || !config.bootstrap.is_empty()) {

@@ -96,8 +96,9 @@ pub enum Entry {
     Found,
     /// Join with this token through connected peers.
     Join(String),
-    /// Already has state: come back as itself if it left.
-    Resume,
+    /// Already has state: come back as itself if it left (with this token, if given, after
+    /// a removal).
+    Resume(Option<String>),
     /// Holds the cluster key: join a cluster of key holders, or (with `expect`) found one
     /// together with the other expected key holders.
     Key {
@@ -127,10 +128,10 @@ pub async fn enter(
                 tracing::info!(%cluster_id, "joined");
             }),
         Entry::Key { expect } => enter_by_key(cluster, net, expect).await,
-        Entry::Resume => {
+        Entry::Resume(token) => {
             if cluster.needs_rejoin() {
                 tracing::info!("rejoining the cluster as this node");
-                retry_join(cluster, net, None).await.map(|_| ())
+                retry_join(cluster, net, token.as_deref()).await.map(|_| ())
             } else {
                 Ok(())
             }

@@ -38,8 +38,8 @@ pub mod jobs;
 pub mod raft;
 
 pub use behaviour::{
-    gossip_message_id, BehaviourError, MeshBehaviour, MeshBehaviourEvent, MeshConfig,
-    IDENTIFY_PROTOCOL_VERSION,
+    gossip_message_id, topic_score_params, BehaviourError, MeshBehaviour, MeshBehaviourEvent,
+    MeshConfig, IDENTIFY_PROTOCOL_VERSION, NON_MEMBER_SCORE,
 };
 pub use codec::{CborCodec, CodecLimits};
 pub use envelope::{Envelope, EnvelopeError, Kind, MessageId, ENVELOPE_VERSION, MAX_ENVELOPE_SIZE};

@@ -400,9 +400,11 @@ pub async fn start_chain(
     n: usize,
     extra: &[String],
 ) -> Result<Vec<Node>> {
+    let key = cluster_key_args(root, prefix)?;
     let mut nodes: Vec<Node> = Vec::with_capacity(n);
     for i in 0..n {
         let mut args = extra.to_vec();
+        args.extend(key.iter().cloned());
         if let Some(prev) = nodes.last() {
             args.push("--bootstrap".into());
             args.push(if i % 2 == 0 {
@@ -413,7 +415,49 @@ pub async fn start_chain(
         }
         nodes.push(Node::start(root, &format!("{prefix}{i}"), &args).await?);
     }
+    wait_members(&nodes, Duration::from_secs(60)).await?;
     Ok(nodes)
+}
+
+/// `--cluster-key-file` arguments naming a fresh cluster key under `root` (mode 0600), for
+/// `prefix`'s nodes. The first node started with them (and no `--bootstrap`) founds a
+/// cluster; the others, given a `--bootstrap` address, join it without a token.
+pub fn cluster_key_args(root: &Path, prefix: &str) -> Result<Vec<String>> {
+    use std::os::unix::fs::PermissionsExt;
+    let path = root.join(format!("{prefix}-cluster.key"));
+    if !path.exists() {
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_nanos() as u64
+            ^ u64::from(std::process::id());
+        std::fs::write(&path, hex::encode(pseudo_random(32, seed)))?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    }
+    Ok(vec![
+        "--cluster-key-file".into(),
+        path.display().to_string(),
+    ])
+}
+
+/// Waits until every node sees all of `nodes` as active members of its cluster: only then
+/// does each serve the others gossip and blobs.
+pub async fn wait_members<N: std::borrow::Borrow<Node>>(
+    nodes: &[N],
+    timeout: Duration,
+) -> Result<()> {
+    for node in nodes {
+        let node: &Node = node.borrow();
+        wait_until(
+            &format!("{} to see all {} members", node.name, nodes.len()),
+            timeout,
+            || async {
+                let (_, _, active) = shape(node).await?;
+                Ok(active == nodes.len())
+            },
+        )
+        .await?;
+    }
+    Ok(())
 }
 
 /// Waits until every node reports every other node as active.

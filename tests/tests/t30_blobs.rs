@@ -2,7 +2,8 @@
 //! detected and refetched elsewhere, interrupted fetches resumed, bad hashes refused.
 
 use agentmesh_tests::{
-    ok_stdout, pseudo_random, start_chain, wait_full_mesh, wait_until, write_file, Node,
+    cluster_key_args, ok_stdout, pseudo_random, start_chain, wait_full_mesh, wait_members,
+    wait_until, write_file, Node,
 };
 use anyhow::{Context, Result};
 use serde_json::Value;
@@ -111,15 +112,16 @@ async fn blob_from_two_providers_survives_one_corrupting_chunks() -> Result<()> 
 #[tokio::test(flavor = "multi_thread")]
 async fn interrupted_fetch_resumes_from_verified_chunks() -> Result<()> {
     let root = tempfile::tempdir()?;
-    // The provider serves at 8 MiB/s so the fetch is still running when we kill it.
-    let provider = Node::start(
-        root.path(),
-        "prov",
-        &["--blob-serve-bytes-per-sec".into(), (8 * MIB).to_string()],
-    )
-    .await?;
-    let boot = vec!["--bootstrap".to_string(), provider.tcp_addr()];
+    // The provider serves at 8 MiB/s so the fetch is still running when we kill it. Both
+    // are members of one cluster (blobs are served to members only).
+    let key = cluster_key_args(root.path(), "r")?;
+    let mut args = key.clone();
+    args.extend(["--blob-serve-bytes-per-sec".into(), (8 * MIB).to_string()]);
+    let provider = Node::start(root.path(), "prov", &args).await?;
+    let mut boot = key;
+    boot.extend(["--bootstrap".to_string(), provider.tcp_addr()]);
     let mut fetcher = Node::start(root.path(), "fetch", &boot).await?;
+    wait_members(&[&provider, &fetcher], Duration::from_secs(30)).await?;
     let data = pseudo_random(32 * MIB, 11);
     let file = write_file(root.path(), "in.bin", &data)?;
     let hash = ok_stdout(&provider.cli(&["blob", "put", file.to_str().unwrap()])?)?

@@ -1,7 +1,7 @@
 //! Restarts: identity and peers survive, nodes reconnect on their own, shutdown is
 //! clean, and a damaged identity is refused rather than replaced.
 
-use agentmesh_tests::{fixed_ports, wait_until, Node};
+use agentmesh_tests::{cluster_key_args, fixed_ports, wait_members, wait_until, Node};
 use anyhow::Result;
 use std::time::Duration;
 
@@ -13,9 +13,15 @@ async fn sees_active(node: &Node, peer: &str) -> Result<bool> {
 async fn restart_keeps_peer_id_and_reconnects_from_the_peer_store() -> Result<()> {
     let root = tempfile::tempdir()?;
     // a keeps its ports across restarts, as a deployed node does.
-    let a_ports = fixed_ports()?;
-    let mut a = Node::start(root.path(), "a", &a_ports).await?;
-    let mut b = Node::start(root.path(), "b", &["--bootstrap".into(), a.tcp_addr()]).await?;
+    // Both are members of one cluster: a founds it, b joins by the cluster key.
+    let key = cluster_key_args(root.path(), "k")?;
+    let mut a_args = fixed_ports()?;
+    a_args.extend(key.iter().cloned());
+    let mut a = Node::start(root.path(), "a", &a_args).await?;
+    let mut b_args = key.clone();
+    b_args.extend(["--bootstrap".into(), a.tcp_addr()]);
+    let mut b = Node::start(root.path(), "b", &b_args).await?;
+    wait_members(&[&a, &b], Duration::from_secs(30)).await?;
     let (a_id, b_id) = (a.info.peer_id.clone(), b.info.peer_id.clone());
     wait_until("a to see b", Duration::from_secs(20), || {
         sees_active(&a, &b_id)
@@ -31,7 +37,7 @@ async fn restart_keeps_peer_id_and_reconnects_from_the_peer_store() -> Result<()
     .await?;
 
     // b restarts with no --bootstrap: same identity, and it redials a from its store.
-    let b = Node::start(root.path(), "b", &[]).await?;
+    let b = Node::start(root.path(), "b", &key).await?;
     assert_eq!(b.info.peer_id, b_id);
     wait_until("a to see b again", Duration::from_secs(20), || {
         sees_active(&a, &b_id)
@@ -44,7 +50,7 @@ async fn restart_keeps_peer_id_and_reconnects_from_the_peer_store() -> Result<()
         Ok(!sees_active(&b, &a_id).await?)
     })
     .await?;
-    let a = Node::start(root.path(), "a", &a_ports).await?;
+    let a = Node::start(root.path(), "a", &a_args).await?;
     assert_eq!(a.info.peer_id, a_id);
     wait_until("a and b reconnected", Duration::from_secs(30), || async {
         Ok(sees_active(&a, &b_id).await? && sees_active(&b, &a_id).await?)

@@ -61,6 +61,7 @@ pub fn required_role(method: &Method, path: &str) -> Role {
         "/v1/tokens",
         "/v1/rename",
         "/v1/keys",
+        "/v1/cluster/members",
     ]
     .iter()
     .any(|p| path == *p || path.starts_with(&format!("{p}/")));

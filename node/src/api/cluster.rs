@@ -1,4 +1,5 @@
-//! Cluster endpoints: `/v1/cluster`, `/v1/tokens`, `/v1/kv`, `/v1/rename`.
+//! Cluster endpoints: `/v1/cluster`, `/v1/cluster/members`, `/v1/tokens`, `/v1/kv`,
+//! `/v1/rename`.
 
 use super::{auth::Caller, read_limited, ApiError, Shared};
 use agentmesh_consensus::{ClusterError, Rejection, MAX_VALUE_LEN};
@@ -6,7 +7,7 @@ use axum::{
     body::Body,
     extract::{DefaultBodyLimit, Extension, Path, Query, State},
     http::StatusCode,
-    routing::{get, post},
+    routing::{delete, get, post},
     Json, Router,
 };
 use serde::Deserialize;
@@ -55,6 +56,7 @@ pub(super) fn routes() -> Router<Shared> {
                 .layer(DefaultBodyLimit::disable()),
         )
         .route("/v1/rename", post(rename))
+        .route("/v1/cluster/members/{member}", delete(remove_member))
 }
 
 async fn cluster(State(s): State<Shared>) -> Json<Value> {
@@ -168,6 +170,20 @@ async fn kv_delete(
 ) -> Result<Json<Value>, ApiError> {
     let existed = s.cluster.kv_delete(&key, q.if_version).await?;
     Ok(Json(json!({ "key": key, "deleted": existed })))
+}
+
+async fn remove_member(
+    State(s): State<Shared>,
+    Extension(caller): Extension<Caller>,
+    Path(member): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let m = s.cluster.remove_member(&member, &caller.actor).await?;
+    Ok(Json(json!({
+        "node_id": agentmesh_consensus::fmt_node_id(m.node_id),
+        "peer_id": m.peer_id,
+        "name": m.name,
+        "state": "removed",
+    })))
 }
 
 #[derive(Deserialize)]

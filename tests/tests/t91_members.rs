@@ -1,0 +1,250 @@
+//! Members only: a node in a cluster serves gossip, blobs and Raft to the cluster's members
+//! and to no one else. A stranger connected to the mesh cannot fetch a blob or get a message
+//! to a subscriber; a member an admin removes is cut off at once and needs a new token to
+//! come back.
+
+use agentmesh_tests::{
+    fast_raft_args, fixed_ports, ok_stdout, pseudo_random, shape, start_cluster, wait_members,
+    wait_until, write_file, Node,
+};
+use anyhow::{Context, Result};
+use futures::StreamExt;
+use serde_json::Value;
+use std::time::Duration;
+use tokio_tungstenite::{tungstenite::Message, MaybeTlsStream, WebSocketStream};
+
+type Ws = WebSocketStream<MaybeTlsStream<tokio::net::TcpStream>>;
+
+async fn subscribe_ws(node: &Node, topic: &str) -> Result<Ws> {
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!(
+        "ws://{}/v1/events?topics={topic}",
+        node.info.api
+    ))
+    .await?;
+    loop {
+        if next_json(&mut ws).await?["type"] == "subscribed" {
+            return Ok(ws);
+        }
+    }
+}
+
+async fn next_json(ws: &mut Ws) -> Result<Value> {
+    loop {
+        let msg = tokio::time::timeout(Duration::from_secs(20), ws.next())
+            .await
+            .context("no event within 20s")?
+            .context("event stream closed")??;
+        if let Message::Text(t) = msg {
+            return Ok(serde_json::from_str(&t)?);
+        }
+    }
+}
+
+async fn next_gossip(ws: &mut Ws) -> Result<Value> {
+    loop {
+        let v = next_json(ws).await?;
+        if v["type"] == "gossip" {
+            return Ok(v);
+        }
+    }
+}
+
+/// Publishes `text` on `topic` through `node`'s API; whether the node accepted it.
+async fn publish(node: &Node, topic: &str, text: &str) -> Result<bool> {
+    let res = node
+        .http()
+        .post(node.url(&format!("/v1/topics/{topic}/messages")))
+        .body(text.to_string())
+        .send()
+        .await?;
+    Ok(res.status().is_success())
+}
+
+/// Waits until `node`'s gossip mesh knows `n` subscribers of `topic`.
+async fn wait_subscribers(node: &Node, topic: &str, n: usize) -> Result<()> {
+    wait_until(
+        &format!("{} to see {n} subscribers of {topic}", node.name),
+        Duration::from_secs(20),
+        || async {
+            let v = node.get_json(&format!("/v1/topics/{topic}")).await?;
+            Ok(v["peers"].as_array().map_or(0, Vec::len) >= n)
+        },
+    )
+    .await
+}
+
+/// A metric's value in `node`'s `/metrics`.
+async fn metric(node: &Node, name: &str) -> Result<f64> {
+    let text = node
+        .http()
+        .get(node.url("/metrics"))
+        .send()
+        .await?
+        .text()
+        .await?;
+    Ok(text
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+        .unwrap_or(0.0))
+}
+
+/// `blob get` of `hash` on `node`: its exit status and output.
+fn blob_get(node: &Node, hash: &str, out: &std::path::Path) -> Result<(bool, String)> {
+    let o = node.cli(&["blob", "get", hash, out.to_str().context("path")?])?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    Ok((o.status.success(), text))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stranger_gets_no_blob_and_no_gossip_through() -> Result<()> {
+    let root = tempfile::tempdir()?;
+    let nodes = start_cluster(root.path(), "m", 3, &fast_raft_args()).await?;
+    // A plain mesh node: connected to a member, but not in the cluster.
+    let mut args = fixed_ports()?;
+    args.extend(["--bootstrap".into(), nodes[0].tcp_addr()]);
+    let stranger = Node::start(root.path(), "stranger", &args).await?;
+    let member0 = nodes[0].info.peer_id.clone();
+    wait_until(
+        "the stranger to connect",
+        Duration::from_secs(20),
+        || async { Ok(stranger.active_peers().await?.contains(&member0)) },
+    )
+    .await?;
+
+    // Blobs: the stranger finds the provider in the DHT but is refused the manifest.
+    let data = pseudo_random(3 << 20, 91);
+    let file = write_file(root.path(), "private.bin", &data)?;
+    let hash = ok_stdout(&nodes[0].cli(&["blob", "put", file.to_str().context("path")?])?)?
+        .trim()
+        .to_string();
+    let (ok, text) = blob_get(&stranger, &hash, &root.path().join("stolen.bin"))?;
+    assert!(!ok, "a stranger fetched a member's blob: {text}");
+    assert!(text.contains("not a member"), "{text}");
+    assert!(!root.path().join("stolen.bin").exists());
+    assert!(metric(&nodes[0], "agentmesh_non_member_refusals_total").await? >= 1.0);
+    // A member fetches the same blob.
+    let (ok, text) = blob_get(&nodes[2], &hash, &root.path().join("shared.bin"))?;
+    assert!(ok, "{text}");
+
+    // Gossip: the stranger's message reaches no member; a member's reaches members only.
+    let mut member_ws = subscribe_ws(&nodes[1], "news").await?;
+    let stranger_ws = subscribe_ws(&stranger, "news").await?;
+    wait_subscribers(&nodes[0], "news", 1).await?;
+    // The stranger may or may not believe someone listens; either way nothing arrives.
+    let _ = publish(&stranger, "news", "from the stranger").await?;
+    assert!(publish(&nodes[0], "news", "from a member").await?);
+    assert!(publish(&nodes[2], "news", "from another member").await?);
+    let mut got = Vec::new();
+    while got.len() < 2 {
+        let m = next_gossip(&mut member_ws).await?;
+        got.push(m["data"].as_str().unwrap_or_default().to_string());
+    }
+    got.sort();
+    assert_eq!(got, ["from a member", "from another member"]);
+    // Both member messages reached nodes[1] directly from their publishers; flood publishing
+    // skips the stranger (graylisted), so it has received no gossip at all.
+    assert_eq!(
+        metric(&stranger, "agentmesh_gossip_received_total").await?,
+        0.0
+    );
+    drop(stranger_ws);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_removed_member_is_cut_off_and_needs_a_new_token() -> Result<()> {
+    let root = tempfile::tempdir()?;
+    let mut nodes = start_cluster(root.path(), "r", 4, &fast_raft_args()).await?;
+    let gone = nodes[3].info.peer_id.clone();
+    let data = pseudo_random(2 << 20, 92);
+    let file = write_file(root.path(), "weights.bin", &data)?;
+    let hash = ok_stdout(&nodes[0].cli(&["blob", "put", file.to_str().context("path")?])?)?
+        .trim()
+        .to_string();
+    let mut member_ws = subscribe_ws(&nodes[1], "news").await?;
+    wait_subscribers(&nodes[3], "news", 1).await?;
+
+    // An admin (the keyless loopback caller here) removes the fourth node.
+    let out: Value =
+        serde_json::from_str(&ok_stdout(&nodes[0].cli(&["remove", &gone, "--json"])?)?)?;
+    assert_eq!(out["peer_id"], gone.as_str(), "{out}");
+    assert_eq!(out["state"], "removed", "{out}");
+    // A second removal is a clear error, not a silent success.
+    let again = nodes[0].cli(&["remove", &gone])?;
+    assert!(!again.status.success());
+
+    // The removal is in the audit log, and every remaining member serves three.
+    let audit = nodes[1].get_json("/v1/audit").await?;
+    let entries = audit.as_array().context("audit entries")?;
+    assert!(
+        entries
+            .iter()
+            .any(|e| e["action"] == "member.remove" && e["target"] == gone.as_str()),
+        "{audit}"
+    );
+    wait_members(&nodes[..3], Duration::from_secs(20)).await?;
+    wait_until(
+        "the removed node to leave the Raft membership",
+        Duration::from_secs(30),
+        || async {
+            let (voters, learners, _) = shape(&nodes[0]).await?;
+            Ok(voters + learners == 3)
+        },
+    )
+    .await?;
+
+    // Cut off: no blob, and its gossip reaches no one.
+    let (ok, text) = blob_get(&nodes[3], &hash, &root.path().join("after.bin"))?;
+    assert!(!ok, "a removed member fetched a blob: {text}");
+    let _ = publish(&nodes[3], "news", "from the removed node").await?;
+    assert!(publish(&nodes[2], "news", "from a member").await?);
+    let m = next_gossip(&mut member_ws).await?;
+    assert_eq!(m["data"], "from a member", "{m}");
+    assert_eq!(m["from"], nodes[2].info.peer_id.as_str());
+
+    // Restarted, it cannot come back as itself: it stops and says why.
+    wait_until(
+        "the removed node to learn of its removal",
+        Duration::from_secs(20),
+        || async {
+            let c = nodes[3].cluster().await?;
+            Ok(c["members"].as_array().is_some_and(|m| {
+                m.iter()
+                    .any(|m| m["peer_id"] == gone.as_str() && m["state"] == "removed")
+            }))
+        },
+    )
+    .await?;
+    let mut removed = nodes.pop().context("node")?;
+    removed.kill().await?;
+    drop(removed);
+    let reason = match Node::start(root.path(), "r3", &fixed_ports()?).await {
+        Err(e) => e.to_string(),
+        Ok(mut node) => {
+            let code = node.wait_exit(Duration::from_secs(30)).await?;
+            assert_ne!(code, Some(0), "{}", node.log_tail());
+            node.log_tail()
+        }
+    };
+    assert!(reason.contains("removed"), "{reason}");
+
+    // With a new token from an admin it rejoins.
+    let token = nodes[0].token(600).await?;
+    let mut args = fixed_ports()?;
+    args.extend([
+        "--bootstrap".into(),
+        nodes[0].tcp_addr(),
+        "--join".into(),
+        token,
+    ]);
+    args.extend(fast_raft_args());
+    nodes.push(Node::start(root.path(), "r3", &args).await?);
+    wait_members(&nodes, Duration::from_secs(30)).await?;
+    let (ok, text) = blob_get(&nodes[3], &hash, &root.path().join("back.bin"))?;
+    assert!(ok, "{text}");
+    Ok(())
+}
