@@ -16,7 +16,6 @@ mod audit;
 mod gate;
 
 pub use audit::MAX_AUDIT_READ;
-pub use gate::MemberSet;
 
 use crate::bootstrap::{self, BootstrapState, BootstrapStep, Decline, HelloReply};
 use crate::cluster_key::ClusterKey;
@@ -970,6 +969,12 @@ impl Cluster {
         if member.state != MemberState::Active {
             return Err(ClusterError::Invalid(format!(
                 "{} is not an active member",
+                member.name
+            )));
+        }
+        if member.node_id == self.inner.id {
+            return Err(ClusterError::Invalid(format!(
+                "{} is the node asked: remove it through another member (or stop it to leave)",
                 member.name
             )));
         }

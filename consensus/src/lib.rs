@@ -30,8 +30,8 @@ pub use access::{
 };
 pub use bootstrap::{BootstrapStep, MAX_BOOTSTRAP_EXPECT};
 pub use cluster::{
-    fmt_node_id, Cluster, ClusterError, Identity, MemberSet, MemberStatus, RaftStatus,
-    CLIENT_TIMEOUT, MAX_AUDIT_READ, MAX_LIST,
+    fmt_node_id, Cluster, ClusterError, Identity, MemberStatus, RaftStatus, CLIENT_TIMEOUT,
+    MAX_AUDIT_READ, MAX_LIST,
 };
 pub use cluster_key::{ClusterKey, ClusterKeyError, MAX_CLUSTER_KEY_FILE, MIN_CLUSTER_KEY_LEN};
 pub use config::{ClusterConfig, ConfigError};

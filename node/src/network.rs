@@ -243,16 +243,7 @@ pub enum Command {
     /// Every known peer.
     Peers(Reply<Vec<PeerInfo>>),
     /// The members of this node's cluster (`None`: not in a cluster, serve everyone).
-    SetMembers(Option<Members>),
-}
-
-/// Whom a node in a cluster serves gossip and blobs.
-#[derive(Debug, Clone, Default)]
-pub struct Members {
-    /// The cluster's members.
-    pub peers: HashSet<PeerId>,
-    /// Members an admin removed: disconnected at once.
-    pub removed: HashSet<PeerId>,
+    SetMembers(Option<HashSet<PeerId>>),
 }
 
 /// Cloneable handle to the swarm task.
@@ -346,9 +337,10 @@ impl NetworkHandle {
     pub async fn peers(&self) -> Result<Vec<PeerInfo>, NetworkError> {
         self.call(Command::Peers).await
     }
-    /// Serve gossip and blobs to these members only (`None`: to everyone). Removed members
-    /// are disconnected at once; other connected non-members get [`STRANGER_GRACE`].
-    pub async fn set_members(&self, members: Option<Members>) {
+    /// Serve gossip and blobs to these members only (`None`: to everyone). Connected
+    /// non-members, a removed member among them, are refused both at once and disconnected
+    /// after [`STRANGER_GRACE`].
+    pub async fn set_members(&self, members: Option<HashSet<PeerId>>) {
         let _ = self.tx.send(Command::SetMembers(members)).await;
     }
 }
@@ -507,7 +499,6 @@ pub fn spawn(
         pending_raft: HashMap::new(),
         kad_bootstrapped: false,
         members: None,
-        removed: HashSet::new(),
         strangers: HashMap::new(),
     };
     let join = tokio::spawn(async move { task.run().await });
@@ -591,8 +582,6 @@ struct Task {
     /// The cluster's members, when this node is in one: the only peers served gossip, blobs
     /// and Raft (see [`Task::is_member`]).
     members: Option<HashSet<PeerId>>,
-    /// Members an admin removed: not even given the grace of a stranger.
-    removed: HashSet<PeerId>,
     /// Connected peers that are not members, and since when.
     strangers: HashMap<PeerId, Instant>,
 }
@@ -1054,16 +1043,18 @@ impl Task {
         }
         let entry = self.live.entry(peer).or_default();
         entry.connections = num_established as usize;
-        if num_established == 1 && !self.is_member(&peer) {
-            if self.removed.contains(&peer) {
-                tracing::debug!(%peer, "a removed member connected; disconnecting it");
-                let _ = self.swarm.disconnect_peer_id(peer);
+        if num_established == 1 {
+            // Set on every first connection: gossipsub keeps a disconnected peer's score for
+            // a while, and a stranger then may have become a member.
+            let member = self.is_member(&peer);
+            if !member {
+                self.strangers.insert(peer, Instant::now());
             }
-            self.strangers.insert(peer, Instant::now());
+            let score = if member { 0.0 } else { NON_MEMBER_SCORE };
             self.swarm
                 .behaviour_mut()
                 .gossipsub
-                .set_application_score(&peer, NON_MEMBER_SCORE);
+                .set_application_score(&peer, score);
         }
         if num_established == 1 {
             tracing::info!(%peer, addr = %endpoint.get_remote_address(), "peer up");
@@ -1340,15 +1331,11 @@ impl Task {
         self.members.as_ref().is_none_or(|m| m.contains(peer))
     }
 
-    /// Takes a new member set. Connected removed members are disconnected at once; other
-    /// non-members (strangers, members that left and are shutting down) get
-    /// [`STRANGER_GRACE`] from now.
-    fn set_members(&mut self, members: Option<Members>) {
-        self.removed = members
-            .as_ref()
-            .map(|m| m.removed.clone())
-            .unwrap_or_default();
-        self.members = members.map(|m| m.peers);
+    /// Takes a new member set. Connected peers outside it are refused gossip and blobs at
+    /// once, and disconnected after [`STRANGER_GRACE`] from now: a removed member still
+    /// hears of its removal from the leader meanwhile, and can present a new token.
+    fn set_members(&mut self, members: Option<HashSet<PeerId>>) {
+        self.members = members;
         let now = Instant::now();
         let connected: Vec<PeerId> = self.live.keys().copied().collect();
         for peer in connected {
@@ -1360,10 +1347,6 @@ impl Task {
                 .set_application_score(&peer, score);
             if member {
                 self.strangers.remove(&peer);
-            } else if self.removed.contains(&peer) {
-                tracing::info!(%peer, "removed from the cluster; disconnecting it");
-                self.strangers.remove(&peer);
-                let _ = self.swarm.disconnect_peer_id(peer);
             } else {
                 self.strangers.entry(peer).or_insert(now);
             }

@@ -128,18 +128,12 @@ pub async fn run(config: NodeConfig) -> Result<()> {
         let net = net.clone();
         tokio::spawn(async move {
             loop {
-                let set = members.borrow_and_update().as_ref().map(|m| {
-                    let ids = |s: &std::collections::HashSet<String>| {
-                        s.iter()
-                            .filter_map(|p| p.parse::<libp2p::PeerId>().ok())
-                            .collect()
-                    };
-                    network::Members {
-                        peers: ids(&m.peers),
-                        removed: ids(&m.removed),
-                    }
+                let peers = members.borrow_and_update().as_ref().map(|m| {
+                    m.iter()
+                        .filter_map(|p| p.parse::<libp2p::PeerId>().ok())
+                        .collect()
                 });
-                net.set_members(set).await;
+                net.set_members(peers).await;
                 if members.changed().await.is_err() {
                     break;
                 }
@@ -274,7 +268,20 @@ pub async fn run(config: NodeConfig) -> Result<()> {
     Ok(())
 }
 
+/// Largest API key file read.
+const MAX_API_KEY_FILE: u64 = 4096;
+
 fn read_api_key(path: &Path) -> Result<String> {
+    check_secret_file(path, "API key")?;
+    let len = std::fs::metadata(path)
+        .with_context(|| format!("reading API key file {}", path.display()))?
+        .len();
+    if len > MAX_API_KEY_FILE {
+        bail!(
+            "API key file {} is {len} bytes; a key is at most {MAX_API_KEY_FILE}",
+            path.display()
+        );
+    }
     let key = std::fs::read_to_string(path)
         .with_context(|| format!("reading API key file {}", path.display()))?;
     let key = key.trim().to_string();
@@ -286,6 +293,34 @@ fn read_api_key(path: &Path) -> Result<String> {
         );
     }
     Ok(key)
+}
+
+/// Checks the permissions of a file holding a secret. Writable by other users is refused:
+/// whoever can rewrite it can replace the secret. Readable by every user is only warned
+/// about, because container and Kubernetes secret mounts are often world-readable inside
+/// the container.
+fn check_secret_file(path: &Path, what: &str) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let Ok(meta) = std::fs::metadata(path) else {
+        return Ok(()); // the read that follows reports it
+    };
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o022 != 0 {
+        bail!(
+            "{what} file {} is writable by other users (mode {mode:03o}); \
+             run chmod 600 {}",
+            path.display(),
+            path.display()
+        );
+    }
+    if mode & 0o004 != 0 {
+        tracing::warn!(
+            path = %path.display(),
+            mode = format!("{mode:03o}"),
+            "the {what} file is readable by every user; chmod 600 (or 640) it"
+        );
+    }
+    Ok(())
 }
 
 fn write_runtime_file(path: &Path, value: &serde_json::Value) -> Result<()> {
@@ -307,20 +342,10 @@ async fn wait_for_signal() -> Result<()> {
     Ok(())
 }
 
-/// Reads the cluster key, warning when others may read the file (it is a secret; container
-/// secret mounts are often world-readable, so this is not refused).
+/// Reads the cluster key (see [`check_secret_file`] for the permissions it needs).
 fn load_cluster_key(path: &std::path::Path) -> Result<agentmesh_consensus::ClusterKey> {
-    use std::os::unix::fs::PermissionsExt;
-    let key = agentmesh_consensus::ClusterKey::from_file(path)?;
-    if let Ok(meta) = std::fs::metadata(path) {
-        if meta.permissions().mode() & 0o004 != 0 {
-            tracing::warn!(
-                path = %path.display(),
-                "the cluster key file is readable by every user; chmod 600 (or 640) it"
-            );
-        }
-    }
-    Ok(key)
+    check_secret_file(path, "cluster key")?;
+    Ok(agentmesh_consensus::ClusterKey::from_file(path)?)
 }
 
 /// Loads this node's private training data and trainer, if it has any.

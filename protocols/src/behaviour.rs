@@ -176,9 +176,10 @@ fn peer_score_params() -> gossipsub::PeerScoreParams {
 }
 
 /// Scoring of one topic: every message that fails validation (bad envelope, forged sender, a
-/// non-member author) costs its forwarder `-10 × count²`, decaying by 0.3 per second, so three
-/// invalid messages in a row put a peer below the graylist threshold for a few seconds, and
-/// first deliveries earn a little credit. Quiet topics are normal here (a job's topic is silent
+/// non-member forwarder) costs its forwarder `-10 × count²`, the count decaying to 0.3 of
+/// itself each second: three invalid messages in a row put a peer below the graylist
+/// threshold (its messages ignored) for about a second and below the gossip threshold for
+/// a few, and a steady stream keeps it there. First deliveries earn a little credit. Quiet topics are normal here (a job's topic is silent
 /// between rounds), so a low delivery rate is not punished.
 pub fn topic_score_params() -> gossipsub::TopicScoreParams {
     gossipsub::TopicScoreParams {

@@ -45,6 +45,20 @@ fn malformed_flags_and_config_are_clear_errors() -> Result<()> {
     ])?;
     assert!(!ok);
     assert!(err.contains("invalid config file"), "{err}");
+    // A secret file others can rewrite is refused (and the secret is never printed).
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let key = dir.path().join("shared.key");
+        std::fs::write(&key, "a-cluster-secret-of-enough-length\n")?;
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o666))?;
+        let path = key.to_str().context("path")?;
+        for flag in ["--cluster-key-file", "--api-key-file"] {
+            let (ok, err) = run(&["start", "--data-dir", d, flag, path])?;
+            assert!(!ok);
+            assert!(err.contains("writable by other users"), "{err}");
+            assert!(!err.contains("a-cluster-secret"), "{err}");
+        }
+    }
     let (ok, err) = run(&["peers", "--api", "127.0.0.1:1"])?;
     assert!(!ok);
     assert!(err.contains("cannot reach the agentmesh API"), "{err}");
@@ -326,16 +340,15 @@ async fn garbage_on_the_wire_is_refused_without_harm() -> Result<()> {
 }
 
 /// A peer that is not a member cannot take part in Raft: a vote request in its own name for
-/// a far higher term, claiming a longer log, is refused, and the leader keeps its term.
+/// a far higher term, claiming a longer log, is refused, and the cluster keeps its term.
 #[tokio::test(flavor = "multi_thread")]
 async fn an_outsider_cannot_drive_raft() -> Result<()> {
     use agentmesh_protocols::raft::{self, RaftFrame};
     let root = tempfile::tempdir()?;
-    let node = Node::start(root.path(), "lone", &[]).await?;
-    wait_until("the node to lead", Duration::from_secs(20), || async {
-        Ok(node.is_ready().await)
-    })
-    .await?;
+    // Three members: the node asked does not know the outsider and asks the other two
+    // (IsMember) before refusing.
+    let nodes = agentmesh_tests::start_cluster(root.path(), "o", 3, &[]).await?;
+    let node = &nodes[1];
     let term = |v: &Value| v["term"].as_u64();
     let before = term(&node.get_json("/v1/cluster").await?);
 

@@ -168,6 +168,13 @@ async fn a_removed_member_is_cut_off_and_needs_a_new_token() -> Result<()> {
     let mut member_ws = subscribe_ws(&nodes[1], "news").await?;
     wait_subscribers(&nodes[3], "news", 1).await?;
 
+    // A node is not removed through itself.
+    let own = nodes[3].cli(&["remove", &gone])?;
+    assert!(!own.status.success());
+    assert!(
+        String::from_utf8_lossy(&own.stderr).contains("another member"),
+        "{own:?}"
+    );
     // An admin (the keyless loopback caller here) removes the fourth node.
     let out: Value =
         serde_json::from_str(&ok_stdout(&nodes[0].cli(&["remove", &gone, "--json"])?)?)?;

@@ -19,8 +19,8 @@ use crate::rpc::{RpcRequest, RpcResponse};
 use crate::types::{MemberState, NodeId, RaftNode};
 
 /// How long a member's word that a peer is a member holds. Long enough for this node's log to
-/// catch up (after which it knows the peer itself); a removal in between still applies at
-/// once, because the registry's verdict comes first.
+/// catch up (after which it knows the peer itself). Once the registry here says the peer left
+/// or was removed, the word holds only [`STRANGER_TTL`].
 const VOUCH_TTL: Duration = Duration::from_secs(600);
 /// How long a stranger's refusal is remembered before members are asked again. Bounds the
 /// questions a stranger can make this node send: one round per this period.
@@ -32,6 +32,8 @@ const MAX_ASKED: usize = 7;
 /// Verdicts remembered at once; past this, expired ones are dropped and, if still full,
 /// unknown peers are refused without asking.
 const MAX_VERDICTS: usize = 4096;
+/// Rounds of asking at once.
+const MAX_ASKING: usize = 4;
 
 #[derive(Debug, Clone, Copy)]
 enum Verdict {
@@ -53,19 +55,11 @@ impl Verdict {
     }
 }
 
-/// Whom a node in a cluster serves.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct MemberSet {
-    /// Peer ids of the members (see [`Cluster::members_watch`]).
-    pub peers: HashSet<String>,
-    /// Peer ids an admin removed: to be cut off at once, where a member that left (and is
-    /// shutting down) is only no longer served.
-    pub removed: HashSet<String>,
-}
-
 /// Peers other members vouched for, and strangers recently refused.
 pub(super) struct Vouches {
     verdicts: std::sync::Mutex<HashMap<NodeId, (String, Verdict)>>,
+    /// Permits for rounds of asking.
+    asking: tokio::sync::Semaphore,
     /// Bumped whenever a peer is vouched for, so the member set is recomputed.
     changed: watch::Sender<u64>,
 }
@@ -74,6 +68,7 @@ impl Default for Vouches {
     fn default() -> Self {
         Self {
             verdicts: Default::default(),
+            asking: tokio::sync::Semaphore::new(MAX_ASKING),
             changed: watch::channel(0).0,
         }
     }
@@ -102,17 +97,21 @@ impl Inner {
     }
 
     /// Whether a Raft message from `caller` may be handled by a node in a cluster: it is a
-    /// member this node knows, or one a member it knows vouches for.
+    /// member this node knows, or one the members it knows vouch for.
     pub(super) async fn admits_member(&self, caller: NodeId, caller_peer: &str) -> bool {
         if self.knows_member(caller) {
             return true;
         }
+        // A peer our registry says left or was removed may have come back while we were
+        // behind, but a yes about it is trusted only briefly (and must be unanimous, below).
+        let gone = self.is_gone(caller);
         let now = Instant::now();
         {
             let Ok(mut verdicts) = self.vouches.verdicts.lock() else {
                 return false;
             };
             match verdicts.get(&caller).map(|(_, v)| *v) {
+                Some(Verdict::Member(t)) if gone && now.duration_since(t) > STRANGER_TTL => {}
                 Some(v) if !v.expired(now) => return matches!(v, Verdict::Member(_)),
                 _ => {}
             }
@@ -124,7 +123,17 @@ impl Inner {
             }
             verdicts.insert(caller, (caller_peer.to_string(), Verdict::Asking(now)));
         }
-        let vouched = self.ask_members(caller).await;
+        // Strangers cannot make this node ask without bound: a few rounds at a time, and a
+        // Raft message arriving while all are busy is refused at once (its sender retries).
+        let vouched = match self.vouches.asking.try_acquire() {
+            Ok(_round) => self.ask_members(caller, gone).await,
+            Err(_) => {
+                if let Ok(mut verdicts) = self.vouches.verdicts.lock() {
+                    verdicts.remove(&caller);
+                }
+                return false;
+            }
+        };
         let verdict = if vouched {
             Verdict::Member(Instant::now())
         } else {
@@ -142,33 +151,41 @@ impl Inner {
         vouched
     }
 
-    /// Asks up to [`MAX_ASKED`] known members, at once, whether they know `id`; true on the
-    /// first yes.
-    async fn ask_members(&self, id: NodeId) -> bool {
-        let asked: Vec<RaftNode> = self
+    /// Asks up to [`MAX_ASKED`] known members (a random choice, so that dead or stale ones do
+    /// not always come first), at once, whether they know `id`. A yes from one suffices for a
+    /// peer this node has never seen; about one its registry says is gone, every member that
+    /// answers must say yes (one that has applied the removal says no).
+    async fn ask_members(&self, id: NodeId, gone: bool) -> bool {
+        use rand::seq::SliceRandom;
+        let mut candidates: Vec<RaftNode> = self
             .member_nodes()
             .into_iter()
             .filter(|(n, _)| *n != id && *n != self.id)
             .map(|(_, node)| node)
-            .take(MAX_ASKED)
             .collect();
+        candidates.shuffle(&mut rand::rng());
+        candidates.truncate(MAX_ASKED);
         let mut answers = JoinSet::new();
-        for node in asked {
+        for node in candidates {
             let transport = self.transport.clone();
             answers.spawn(async move {
                 let request = RpcRequest::IsMember { node_id: id };
-                matches!(
-                    network::call(&*transport, &node, &request, ASK_TIMEOUT).await,
-                    Ok(RpcResponse::IsMember(true))
-                )
+                match network::call(&*transport, &node, &request, ASK_TIMEOUT).await {
+                    Ok(RpcResponse::IsMember(yes)) => Some(yes),
+                    _ => None,
+                }
             });
         }
+        let mut yes = false;
         while let Some(answer) = answers.join_next().await {
-            if answer.unwrap_or(false) {
-                return true;
+            match answer.ok().flatten() {
+                Some(true) if !gone => return true,
+                Some(true) => yes = true,
+                Some(false) if gone => return false,
+                _ => {}
             }
         }
-        false
+        yes
     }
 
     /// Every member this node knows, with how to reach it.
@@ -199,22 +216,10 @@ impl Inner {
     }
 
     /// The peer ids this node serves; `None` while it is not in a cluster.
-    fn member_peers(&self) -> Option<MemberSet> {
+    fn member_peers(&self) -> Option<HashSet<String>> {
         if !self.in_cluster() {
             return None;
         }
-        let removed: HashSet<String> = self
-            .state
-            .read()
-            .map(|a| {
-                a.state
-                    .members
-                    .values()
-                    .filter(|m| m.state == MemberState::Removed)
-                    .map(|m| m.peer_id.clone())
-                    .collect()
-            })
-            .unwrap_or_default();
         let mut peers: HashSet<String> = self
             .member_nodes()
             .into_iter()
@@ -228,7 +233,7 @@ impl Inner {
                 }
             }
         }
-        Some(MemberSet { peers, removed })
+        Some(peers)
     }
 
     /// Whether the registry says `id` left or was removed.
@@ -247,7 +252,7 @@ impl Cluster {
     /// it knows and those other members vouched for. `None` while the node is not in a cluster
     /// (a plain mesh node gates nothing). Updated as entries are applied, the Raft membership
     /// changes, or a member vouches for a peer.
-    pub fn members_watch(&self) -> watch::Receiver<Option<Arc<MemberSet>>> {
+    pub fn members_watch(&self) -> watch::Receiver<Option<Arc<HashSet<String>>>> {
         let inner = Arc::downgrade(&self.inner);
         let mut metrics = self.inner.raft.metrics();
         let mut vouched = self.inner.vouches.changed.subscribe();
