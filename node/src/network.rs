@@ -716,7 +716,7 @@ impl Task {
             if peer == *self.swarm.local_peer_id()
                 || self.live.contains_key(&peer)
                 || addrs.is_empty()
-                || !self.members.as_ref().is_none_or(|m| m.contains(&peer))
+                || !self.is_member(&peer)
             {
                 continue;
             }
@@ -1044,19 +1044,9 @@ impl Task {
         let entry = self.live.entry(peer).or_default();
         entry.connections = num_established as usize;
         if num_established == 1 {
-            // Set on every first connection: gossipsub keeps a disconnected peer's score for
-            // a while, and a stranger then may have become a member.
-            let member = self.is_member(&peer);
-            if !member {
-                self.strangers.insert(peer, Instant::now());
-            }
-            let score = if member { 0.0 } else { NON_MEMBER_SCORE };
-            self.swarm
-                .behaviour_mut()
-                .gossipsub
-                .set_application_score(&peer, score);
-        }
-        if num_established == 1 {
+            // Judged on every first connection: gossipsub keeps a disconnected peer's score
+            // for a while, and a stranger then may have become a member.
+            self.judge(peer, Instant::now());
             tracing::info!(%peer, addr = %endpoint.get_remote_address(), "peer up");
             // A peer enters the store only once we know how to reach it: we dialled
             // it, or identify or Kademlia gave us its listen addresses. A one-off
@@ -1339,17 +1329,23 @@ impl Task {
         let now = Instant::now();
         let connected: Vec<PeerId> = self.live.keys().copied().collect();
         for peer in connected {
-            let member = self.is_member(&peer);
-            let score = if member { 0.0 } else { NON_MEMBER_SCORE };
-            self.swarm
-                .behaviour_mut()
-                .gossipsub
-                .set_application_score(&peer, score);
-            if member {
-                self.strangers.remove(&peer);
-            } else {
-                self.strangers.entry(peer).or_insert(now);
-            }
+            self.judge(peer, now);
+        }
+    }
+
+    /// Gives a connected peer its gossip score by membership, and starts its grace (from
+    /// `now`, unless it is already running) if it is not a member.
+    fn judge(&mut self, peer: PeerId, now: Instant) {
+        let member = self.is_member(&peer);
+        let score = if member { 0.0 } else { NON_MEMBER_SCORE };
+        self.swarm
+            .behaviour_mut()
+            .gossipsub
+            .set_application_score(&peer, score);
+        if member {
+            self.strangers.remove(&peer);
+        } else {
+            self.strangers.entry(peer).or_insert(now);
         }
     }
 

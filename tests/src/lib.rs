@@ -10,6 +10,7 @@
 //! (`target/<profile>/agentmesh`); build it first (`cargo build -p agentmesh`).
 
 pub mod bench;
+pub mod events;
 pub mod jobs;
 pub mod linearizability;
 pub mod netns;

@@ -1,59 +1,12 @@
 //! Gossip: a message published on any node reaches every subscriber, over the
 //! WebSocket event stream and the `subscribe` command; limits are enforced.
 
-use agentmesh_tests::{ok_stdout, start_chain, wait_full_mesh, wait_until, Node};
+use agentmesh_tests::events::{next_gossip, next_json, subscribe_ws, wait_subscribers};
+use agentmesh_tests::{ok_stdout, start_chain, wait_full_mesh};
 use anyhow::{Context, Result};
-use futures::StreamExt;
 use serde_json::Value;
 use std::time::Duration;
 use tokio::io::AsyncBufReadExt;
-use tokio_tungstenite::{tungstenite::Message, MaybeTlsStream, WebSocketStream};
-
-type Ws = WebSocketStream<MaybeTlsStream<tokio::net::TcpStream>>;
-
-async fn subscribe_ws(node: &Node, topic: &str) -> Result<Ws> {
-    let (mut ws, _) = tokio_tungstenite::connect_async(format!(
-        "ws://{}/v1/events?topics={topic}",
-        node.info.api
-    ))
-    .await?;
-    let hello = next_json(&mut ws).await?;
-    assert_eq!(hello["type"], "subscribed");
-    Ok(ws)
-}
-
-async fn next_json(ws: &mut Ws) -> Result<Value> {
-    loop {
-        let msg = tokio::time::timeout(Duration::from_secs(15), ws.next())
-            .await
-            .context("no event within 15s")?
-            .context("event stream closed")??;
-        if let Message::Text(t) = msg {
-            return Ok(serde_json::from_str(&t)?);
-        }
-    }
-}
-
-async fn next_gossip(ws: &mut Ws) -> Result<Value> {
-    loop {
-        let v = next_json(ws).await?;
-        if v["type"] == "gossip" {
-            return Ok(v);
-        }
-    }
-}
-
-async fn wait_subscribers(node: &Node, topic: &str, n: usize) -> Result<()> {
-    wait_until(
-        &format!("{n} subscribers of {topic}"),
-        Duration::from_secs(20),
-        || async {
-            let v = node.get_json(&format!("/v1/topics/{topic}")).await?;
-            Ok(v["peers"].as_array().map_or(0, Vec::len) >= n)
-        },
-    )
-    .await
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn publish_reaches_every_subscriber() -> Result<()> {

@@ -3,51 +3,14 @@
 //! to a subscriber; a member an admin removes is cut off at once and needs a new token to
 //! come back.
 
+use agentmesh_tests::events::{next_gossip, subscribe_ws, wait_subscribers};
 use agentmesh_tests::{
     fast_raft_args, fixed_ports, ok_stdout, pseudo_random, shape, start_cluster, wait_members,
     wait_until, write_file, Node,
 };
 use anyhow::{Context, Result};
-use futures::StreamExt;
 use serde_json::Value;
 use std::time::Duration;
-use tokio_tungstenite::{tungstenite::Message, MaybeTlsStream, WebSocketStream};
-
-type Ws = WebSocketStream<MaybeTlsStream<tokio::net::TcpStream>>;
-
-async fn subscribe_ws(node: &Node, topic: &str) -> Result<Ws> {
-    let (mut ws, _) = tokio_tungstenite::connect_async(format!(
-        "ws://{}/v1/events?topics={topic}",
-        node.info.api
-    ))
-    .await?;
-    loop {
-        if next_json(&mut ws).await?["type"] == "subscribed" {
-            return Ok(ws);
-        }
-    }
-}
-
-async fn next_json(ws: &mut Ws) -> Result<Value> {
-    loop {
-        let msg = tokio::time::timeout(Duration::from_secs(20), ws.next())
-            .await
-            .context("no event within 20s")?
-            .context("event stream closed")??;
-        if let Message::Text(t) = msg {
-            return Ok(serde_json::from_str(&t)?);
-        }
-    }
-}
-
-async fn next_gossip(ws: &mut Ws) -> Result<Value> {
-    loop {
-        let v = next_json(ws).await?;
-        if v["type"] == "gossip" {
-            return Ok(v);
-        }
-    }
-}
 
 /// Publishes `text` on `topic` through `node`'s API; whether the node accepted it.
 async fn publish(node: &Node, topic: &str, text: &str) -> Result<bool> {
@@ -58,19 +21,6 @@ async fn publish(node: &Node, topic: &str, text: &str) -> Result<bool> {
         .send()
         .await?;
     Ok(res.status().is_success())
-}
-
-/// Waits until `node`'s gossip mesh knows `n` subscribers of `topic`.
-async fn wait_subscribers(node: &Node, topic: &str, n: usize) -> Result<()> {
-    wait_until(
-        &format!("{} to see {n} subscribers of {topic}", node.name),
-        Duration::from_secs(20),
-        || async {
-            let v = node.get_json(&format!("/v1/topics/{topic}")).await?;
-            Ok(v["peers"].as_array().map_or(0, Vec::len) >= n)
-        },
-    )
-    .await
 }
 
 /// A metric's value in `node`'s `/metrics`.

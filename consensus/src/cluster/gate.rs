@@ -257,25 +257,36 @@ impl Cluster {
         let mut metrics = self.inner.raft.metrics();
         let mut vouched = self.inner.vouches.changed.subscribe();
         let (tx, rx) = watch::channel(self.inner.member_peers().map(Arc::new));
+        // Raft's metrics change on every heartbeat and replication step; the member set only
+        // when an entry is applied (the registry) or the Raft membership changes.
+        let mark = |m: &openraft::RaftMetrics<NodeId, RaftNode>| {
+            (m.last_applied, *m.membership_config.log_id())
+        };
+        let mut seen = mark(&metrics.borrow_and_update());
         tokio::spawn(async move {
             loop {
                 tokio::select! {
-                    changed = metrics.changed() => if changed.is_err() { break },
+                    changed = metrics.changed() => {
+                        if changed.is_err() {
+                            break;
+                        }
+                        let now = mark(&metrics.borrow_and_update());
+                        if now == seen {
+                            continue;
+                        }
+                        seen = now;
+                    }
                     changed = vouched.changed() => if changed.is_err() { break },
                     _ = tx.closed() => break,
                 }
                 let Some(inner) = inner.upgrade() else { break };
                 let peers = inner.member_peers();
                 tx.send_if_modified(|current| {
-                    let same = match (current.as_deref(), peers.as_ref()) {
-                        (Some(a), Some(b)) => a == b,
-                        (None, None) => true,
-                        _ => false,
-                    };
-                    if !same {
+                    let changed = current.as_deref() != peers.as_ref();
+                    if changed {
                         *current = peers.map(Arc::new);
                     }
-                    !same
+                    changed
                 });
             }
         });
