@@ -189,6 +189,7 @@ mod tests {
             addrs: vec![],
             joined_at: 0,
             state: MemberState::Active,
+            seal_keys: Vec::new(),
         }
     }
 

@@ -29,7 +29,7 @@ use crate::store::{SharedState, Storage};
 use crate::token::{JoinToken, TokenBody, TokenError, MAX_TOKEN_TTL_SECS};
 use crate::types::{
     node_id_for, Command, CommandResult, MemberRecord, MemberState, NodeId, Raft, RaftNode,
-    Rejection,
+    Rejection, SealKey,
 };
 
 /// How long a client operation may take, retries through leader changes included.
@@ -558,6 +558,7 @@ impl Cluster {
                     addrs: r.addrs,
                     joined_at: unix_now(),
                     state: MemberState::Active,
+                    seal_keys: Vec::new(),
                 },
             );
         }
@@ -902,6 +903,51 @@ impl Cluster {
         self.write_audited(entry, cmd).await.map(|_| ())
     }
 
+    /// Publishes this node's sealing public key (`label` names it in the audit log), made at
+    /// `created_at_ms`, signed with its identity key; `actor` asked for it (an audit actor).
+    /// Returns once this node has applied it, so a message sealed after it uses it.
+    pub async fn publish_seal_key(
+        &self,
+        public: [u8; 32],
+        created_at_ms: u64,
+        label: &str,
+        actor: &str,
+    ) -> Result<(), ClusterError> {
+        let key = SealKey::sign(
+            &self.inner.identity.signing_key,
+            self.inner.id,
+            public,
+            created_at_ms,
+        );
+        let id = self.inner.id;
+        let cmd = Command::SetSealKey {
+            node_id: id,
+            key: key.clone(),
+        };
+        let entry = self.audit_entry(
+            actor,
+            "seal_key.publish",
+            &self.inner.identity.peer_id,
+            label,
+        );
+        if let CommandResult::Rejected(r) = self.write_audited(entry, cmd).await? {
+            return Err(r.into());
+        }
+        let applied = self
+            .wait_applied_here(CLIENT_TIMEOUT, |s| {
+                s.members
+                    .get(&id)
+                    .is_some_and(|m| m.seal_keys.last() == Some(&key))
+            })
+            .await;
+        if !applied {
+            return Err(ClusterError::Unavailable(
+                "the key is committed but this node has not applied it yet".into(),
+            ));
+        }
+        Ok(())
+    }
+
     /// Issues a single-use join token valid for `ttl` to `actor` (an audit actor). Returns the
     /// token and its expiry once the issue is in the audit log.
     pub async fn issue_token(
@@ -1044,6 +1090,19 @@ impl Cluster {
                 "leader did not remove us in time".into(),
             ))
         }
+    }
+
+    /// The voters of the latest membership this node knows: the nodes that may lead, and so
+    /// coordinate a training round.
+    pub fn voter_ids(&self) -> BTreeSet<NodeId> {
+        self.inner
+            .raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .voter_ids()
+            .collect()
     }
 
     /// Current status.
@@ -1322,6 +1381,7 @@ impl Inner {
             addrs: self.identity.addrs.clone(),
             joined_at: unix_now(),
             state: MemberState::Active,
+            seal_keys: Vec::new(),
         }
     }
 
@@ -1715,6 +1775,7 @@ impl Inner {
                     addrs,
                     joined_at: unix_now(),
                     state: MemberState::Active,
+                    seal_keys: Vec::new(),
                 };
                 let reply = self
                     .execute(ClientOp::Join {

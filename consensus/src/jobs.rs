@@ -580,6 +580,7 @@ mod tests {
                 addrs: vec![],
                 joined_at: 0,
                 state: MemberState::Active,
+                seal_keys: Vec::new(),
             },
         );
         assert_eq!(apply(&mut s, set(Some(info))), CommandResult::Done);

@@ -51,5 +51,5 @@ pub use token::{
 };
 pub use types::{
     node_id_for, Command, CommandResult, MemberRecord, MemberState, NodeId, RaftNode, Rejection,
-    TypeConfig,
+    SealKey, TypeConfig, SEAL_KEYS_KEPT,
 };

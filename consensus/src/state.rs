@@ -11,7 +11,9 @@ use crate::access::{
     MAX_AUDIT_REFUSALS,
 };
 use crate::jobs::{JobRecord, TrainerInfo};
-use crate::types::{Command, CommandResult, MemberRecord, MemberState, NodeId, Rejection};
+use crate::types::{
+    Command, CommandResult, MemberRecord, MemberState, NodeId, Rejection, SealKey, SEAL_KEYS_KEPT,
+};
 
 /// Longest key, in bytes.
 pub const MAX_KEY_LEN: usize = 256;
@@ -156,6 +158,7 @@ impl ClusterState {
             Command::Rename { node_id, name } => {
                 self.update_member(*node_id, touched, |m| m.name.clone_from(name))
             }
+            Command::SetSealKey { node_id, key } => self.set_seal_key(*node_id, key, touched),
             Command::SetAddrs { node_id, addrs } => {
                 self.update_member(*node_id, touched, |m| m.addrs.clone_from(addrs))
             }
@@ -318,6 +321,47 @@ impl ClusterState {
         }
     }
 
+    /// Accepts a member's new sealing key if the member signed it and it is newer than the
+    /// member's current one; keeps the last [`SEAL_KEYS_KEPT`].
+    fn set_seal_key(
+        &mut self,
+        node_id: NodeId,
+        key: &SealKey,
+        touched: &mut Vec<Touched>,
+    ) -> CommandResult {
+        let Some(m) = self.members.get_mut(&node_id) else {
+            return CommandResult::Rejected(Rejection::NotMember(node_id));
+        };
+        if m.state == MemberState::Removed {
+            return CommandResult::Rejected(Rejection::Removed);
+        }
+        if !key.verify(node_id, &m.public_key) {
+            return CommandResult::Rejected(Rejection::Malformed(
+                "the sealing key is not signed by the member's identity key".into(),
+            ));
+        }
+        if !key.usable() {
+            return CommandResult::Rejected(Rejection::Malformed(
+                "the sealing key is a low-order point (it would share no secret)".into(),
+            ));
+        }
+        if let Some(last) = m.seal_keys.last() {
+            if last == key {
+                return CommandResult::Done;
+            }
+            if key.created_at_ms <= last.created_at_ms {
+                return CommandResult::Rejected(Rejection::Malformed(
+                    "the sealing key is not newer than the member's current one".into(),
+                ));
+            }
+        }
+        m.seal_keys.push(key.clone());
+        let extra = m.seal_keys.len().saturating_sub(SEAL_KEYS_KEPT);
+        m.seal_keys.drain(..extra);
+        touched.push(Touched::Member(node_id));
+        CommandResult::Done
+    }
+
     /// Compare-and-set: `if_version` must be the key's version (0: the key must not exist).
     fn check_version(&self, key: &str, if_version: Option<u64>) -> Result<(), Rejection> {
         let Some(expected) = if_version else {
@@ -349,6 +393,12 @@ impl ClusterState {
                     node_id: member.node_id,
                     peer_id: existing.peer_id.clone(),
                 });
+            }
+            if existing.public_key != member.public_key {
+                // A peer id is its identity key: a record pairing them otherwise is forged.
+                return CommandResult::Rejected(Rejection::Malformed(
+                    "the identity key does not match the member's".into(),
+                ));
             }
         }
         let former = self.members.get(&member.node_id);
@@ -414,9 +464,14 @@ impl ClusterState {
         }
         let mut record = member.clone();
         record.state = MemberState::Active;
+        // Sealing keys come only from the member itself, signed ([`Command::SetSealKey`]):
+        // whatever a join record carries is ignored.
+        record.seal_keys.clear();
         if let Some(former) = self.members.get(&member.node_id) {
-            // Coming back keeps the name it had (a rename is replicated, the flag is not).
+            // Coming back keeps the name it had (a rename is replicated, the flag is not),
+            // and the sealing keys it published.
             record.name.clone_from(&former.name);
+            record.seal_keys.clone_from(&former.seal_keys);
         }
         self.members.insert(record.node_id, record);
         touched.push(Touched::Member(member.node_id));
@@ -482,6 +537,7 @@ mod tests {
             addrs: vec![],
             joined_at: 0,
             state: MemberState::Active,
+            seal_keys: Vec::new(),
         }
     }
 
@@ -494,6 +550,81 @@ mod tests {
             entry: AuditEntry::new(7, "apikey:abc", "node", action, "t", ""),
             cmd: Box::new(cmd),
         }
+    }
+
+    #[test]
+    fn only_a_member_publishes_its_sealing_keys_and_only_newer_ones() {
+        let identity = ed25519_dalek::SigningKey::from_bytes(&[7; 32]);
+        let other = ed25519_dalek::SigningKey::from_bytes(&[8; 32]);
+        let mut s = ClusterState {
+            cluster_key: Some(vec![0; 32]),
+            ..ClusterState::default()
+        };
+        // A key smuggled into a join record is dropped: keys come only through SetSealKey.
+        let m = member(1, "a");
+        let joined = Command::Join {
+            member: MemberRecord {
+                public_key: identity.verifying_key().to_bytes().to_vec(),
+                seal_keys: vec![SealKey::sign(&identity, 1, [1; 32], 5)],
+                ..m
+            },
+            token: None,
+            now: 0,
+            by_key: true,
+        };
+        assert_eq!(apply(&mut s, 2, joined), CommandResult::Done);
+        assert!(s.members[&1].seal_keys.is_empty());
+        // A join record pairing the member's peer id with another identity key is forged.
+        let imposter = Command::Join {
+            member: MemberRecord {
+                public_key: other.verifying_key().to_bytes().to_vec(),
+                ..member(1, "a")
+            },
+            token: None,
+            now: 0,
+            by_key: true,
+        };
+        assert!(matches!(
+            apply(&mut s, 2, imposter),
+            CommandResult::Rejected(Rejection::Malformed(_))
+        ));
+
+        let set = |key| Command::SetSealKey { node_id: 1, key };
+        // Signed by someone else, or for another node: refused.
+        for forged in [
+            SealKey::sign(&other, 1, [2; 32], 10),
+            SealKey::sign(&identity, 2, [2; 32], 10),
+        ] {
+            assert!(matches!(
+                apply(&mut s, 3, set(forged)),
+                CommandResult::Rejected(Rejection::Malformed(_))
+            ));
+        }
+        let k1 = SealKey::sign(&identity, 1, [2; 32], 10);
+        let k2 = SealKey::sign(&identity, 1, [3; 32], 20);
+        let k3 = SealKey::sign(&identity, 1, [4; 32], 30);
+        assert_eq!(apply(&mut s, 4, set(k1.clone())), CommandResult::Done);
+        assert_eq!(apply(&mut s, 5, set(k1.clone())), CommandResult::Done);
+        assert_eq!(apply(&mut s, 6, set(k2.clone())), CommandResult::Done);
+        // Replaying the older key (to make senders use it again) is refused.
+        assert!(matches!(
+            apply(&mut s, 7, set(k1.clone())),
+            CommandResult::Rejected(Rejection::Malformed(_))
+        ));
+        assert_eq!(apply(&mut s, 8, set(k3.clone())), CommandResult::Done);
+        assert_eq!(s.members[&1].seal_keys, vec![k1, k2, k3.clone()]);
+        // A low-order key would share no secret: refused.
+        assert!(matches!(
+            apply(&mut s, 8, set(SealKey::sign(&identity, 1, [0; 32], 35))),
+            CommandResult::Rejected(Rejection::Malformed(_))
+        ));
+        // A removed member publishes nothing more.
+        apply(&mut s, 9, Command::Remove { node_id: 1 });
+        assert_eq!(
+            apply(&mut s, 10, set(SealKey::sign(&identity, 1, [5; 32], 40))),
+            CommandResult::Rejected(Rejection::Removed)
+        );
+        assert_eq!(s.members[&1].seal_keys.last(), Some(&k3));
     }
 
     #[test]

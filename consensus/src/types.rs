@@ -82,6 +82,98 @@ pub struct MemberRecord {
     pub joined_at: u64,
     /// Active or left.
     pub state: MemberState,
+    /// Its published X25519 sealing keys, oldest first, the current one last; the older ones
+    /// stay so that what it sealed before a rotation still opens (and verifies).
+    #[serde(default)]
+    pub seal_keys: Vec<SealKey>,
+}
+
+/// Sealing keys a member record keeps: the current one and fifteen before it.
+pub const SEAL_KEYS_KEPT: usize = 16;
+
+/// A member's X25519 public key for per-peer sealing, signed with its identity key so that no
+/// other member (not even the leader) can publish a key in its name.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SealKey {
+    /// The X25519 public key.
+    #[serde(with = "serde_bytes")]
+    pub public: Vec<u8>,
+    /// When the member made it (unix ms); a key must be newer than the one it replaces.
+    pub created_at_ms: u64,
+    /// Ed25519 signature by the member's identity key over node id, key and time.
+    #[serde(with = "serde_bytes")]
+    pub signature: Vec<u8>,
+}
+
+impl std::fmt::Debug for SealKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SealKey")
+            .field("public", &hex::encode(&self.public))
+            .field("created_at_ms", &self.created_at_ms)
+            .finish_non_exhaustive()
+    }
+}
+
+const SEAL_KEY_DOMAIN: &[u8] = b"agentmesh/seal-key/v1\0";
+
+impl SealKey {
+    fn signed_bytes(node_id: NodeId, public: &[u8], created_at_ms: u64) -> Vec<u8> {
+        let mut m = SEAL_KEY_DOMAIN.to_vec();
+        m.extend_from_slice(&node_id.to_be_bytes());
+        m.extend_from_slice(&(public.len() as u32).to_be_bytes());
+        m.extend_from_slice(public);
+        m.extend_from_slice(&created_at_ms.to_be_bytes());
+        m
+    }
+
+    /// `public`, made at `created_at_ms`, signed by the member `node_id` with its identity key.
+    pub fn sign(
+        identity: &ed25519_dalek::SigningKey,
+        node_id: NodeId,
+        public: [u8; 32],
+        created_at_ms: u64,
+    ) -> Self {
+        use ed25519_dalek::Signer as _;
+        let signature = identity.sign(&Self::signed_bytes(node_id, &public, created_at_ms));
+        Self {
+            public: public.to_vec(),
+            created_at_ms,
+            signature: signature.to_bytes().to_vec(),
+        }
+    }
+
+    /// Whether this is a well-formed key signed for `node_id` by the identity key
+    /// `identity_public`.
+    pub fn verify(&self, node_id: NodeId, identity_public: &[u8]) -> bool {
+        use ed25519_dalek::Verifier as _;
+        let (Ok(key), Ok(sig), Ok(_)) = (
+            <[u8; 32]>::try_from(identity_public),
+            <[u8; 64]>::try_from(self.signature.as_slice()),
+            <[u8; 32]>::try_from(self.public.as_slice()),
+        ) else {
+            return false;
+        };
+        let Ok(key) = ed25519_dalek::VerifyingKey::from_bytes(&key) else {
+            return false;
+        };
+        key.verify(
+            &Self::signed_bytes(node_id, &self.public, self.created_at_ms),
+            &ed25519_dalek::Signature::from_bytes(&sig),
+        )
+        .is_ok()
+    }
+
+    /// Whether the key can share a secret at all: a low-order point gives the all-zero
+    /// X25519 output whatever the (clamped) scalar. Deterministic, so fit for `apply`.
+    pub fn usable(&self) -> bool {
+        self.public_bytes()
+            .is_some_and(|p| x25519_dalek::x25519([1; 32], p) != [0; 32])
+    }
+
+    /// The public key as an array (checked when the key was accepted).
+    pub fn public_bytes(&self) -> Option<[u8; 32]> {
+        self.public.as_slice().try_into().ok()
+    }
 }
 
 impl MemberRecord {
@@ -149,6 +241,13 @@ pub enum Command {
         node_id: NodeId,
         /// Its new name.
         name: String,
+    },
+    /// Publishes a member's new sealing key (signed by the member itself).
+    SetSealKey {
+        /// The member.
+        node_id: NodeId,
+        /// Its new key.
+        key: SealKey,
     },
     /// Records a member's current listen addresses.
     SetAddrs {

@@ -60,6 +60,8 @@ pub struct ApiState {
     pub cluster: Cluster,
     /// Training jobs.
     pub jobs: crate::jobs::Jobs,
+    /// This node's sealing keys.
+    pub sealer: Arc<crate::sealing::Sealer>,
     /// Who may do what, and how often.
     pub access: auth::Access,
     /// Node name.

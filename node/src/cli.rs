@@ -101,6 +101,12 @@ pub enum Command {
         #[command(subcommand)]
         command: ApikeyCommand,
     },
+    /// Sealing keys: the X25519 keys model updates are sealed with, one per member. Needs an
+    /// admin key.
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
     /// The audit log: membership changes, tokens, API keys, jobs submitted and cancelled,
     /// refused requests; who, what, when. Needs an admin key.
     Audit {
@@ -499,6 +505,17 @@ pub enum ApikeyCommand {
     },
 }
 
+/// `agentmesh keys ...`
+#[allow(missing_docs)]
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Give the node addressed a new sealing key and publish it. Its older keys stay, so
+    /// updates already sealed for them still open: training does not stop.
+    Rotate(ClientArgs),
+    /// Every member's published sealing keys (the current one last).
+    List(ClientArgs),
+}
+
 /// `agentmesh blob ...`
 #[allow(missing_docs)]
 #[derive(Debug, Subcommand)]
@@ -594,7 +611,7 @@ pub struct StartArgs {
     /// see docs/TRAINING.md for the file protocol. Needs --data.
     #[arg(long, env = "AGENTMESH_TRAINER_CMD")]
     pub trainer_cmd: Option<String>,
-    /// TESTING ONLY: send malicious updates (sign-flip, scale, gaussian, alie, ipm, nan) to
+    /// TESTING ONLY: send malicious updates (sign-flip, scale, gaussian, alie, ipm, nan, tamper) to
     /// exercise robust aggregation. Never set this on a real deployment.
     #[arg(long, env = "AGENTMESH_BYZANTINE")]
     pub byzantine: Option<String>,

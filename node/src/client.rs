@@ -5,7 +5,8 @@ mod access;
 mod jobs;
 
 use crate::cli::{
-    ApikeyCommand, BlobCommand, ClientArgs, Command, JobsCommand, KvCommand, ModelCommand,
+    ApikeyCommand, BlobCommand, ClientArgs, Command, JobsCommand, KeysCommand, KvCommand,
+    ModelCommand,
 };
 use agentmesh_protocols::blob::BlobHash;
 use anyhow::{anyhow, bail, Context, Result};
@@ -124,6 +125,10 @@ pub async fn run(cmd: Command) -> Result<()> {
             }
             ApikeyCommand::List(client) => access::list(&Api::new(&client)?).await,
             ApikeyCommand::Revoke { id, client } => access::revoke(&Api::new(&client)?, &id).await,
+        },
+        Command::Keys { command } => match command {
+            KeysCommand::Rotate(client) => access::rotate_key(&Api::new(&client)?).await,
+            KeysCommand::List(client) => access::keys(&Api::new(&client)?).await,
         },
         Command::Audit {
             since,

@@ -70,7 +70,7 @@ pub fn load_or_create(data_dir: &Path) -> Result<Keypair, IdentityError> {
 }
 
 /// Writes a secret durably: temp file with 0600, fsync, rename, fsync the dir.
-fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+pub(crate) fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
     let tmp = path.with_extension("tmp");
     let mut f = fs::OpenOptions::new()

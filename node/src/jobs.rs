@@ -29,6 +29,7 @@ pub use worker::{RedTeam, Training};
 use crate::{
     blobs::{BlobStore, Fetcher},
     network::{NetworkHandle, NodeEvent},
+    sealing::{update_context, Sealer},
 };
 use agentmesh_consensus::{
     fmt_node_id, Cluster, ClusterError, Command, JobCommand, JobRecord, JobState, NodeId,
@@ -132,6 +133,8 @@ pub struct Ctx {
     fetcher: Arc<Fetcher>,
     events: broadcast::Sender<NodeEvent>,
     signing_key: ed25519_dalek::SigningKey,
+    /// Seals this node's updates and opens the ones sealed for it.
+    sealer: Arc<Sealer>,
     node_id: NodeId,
     inbox: Mutex<Inbox>,
     /// Copies other nodes confirmed, for the models this node is waiting on.
@@ -160,6 +163,7 @@ impl Jobs {
         fetcher: Arc<Fetcher>,
         events: broadcast::Sender<NodeEvent>,
         signing_key: ed25519_dalek::SigningKey,
+        sealer: Arc<Sealer>,
         training: Option<Training>,
         eval: Option<Dataset>,
     ) -> Result<Self, JobError> {
@@ -176,6 +180,7 @@ impl Jobs {
             fetcher,
             events,
             signing_key,
+            sealer,
             inbox: Mutex::new(Inbox::default()),
             copies: Mutex::new(HashMap::new()),
             copy_confirmed: tokio::sync::watch::Sender::new(0),
@@ -369,7 +374,12 @@ impl Jobs {
             .map_err(|e| format!("update of {}: {e}", fmt_node_id(u.node_id)))?;
             let delta = self
                 .ctx
-                .load_update(&u.update_hash, u.node_id, base.architecture())
+                .load_update(
+                    &u.update_hash,
+                    u.node_id,
+                    (job_id, r.round, &r.base_model),
+                    base.architecture(),
+                )
                 .await
                 .map_err(|e| format!("update of {}: {e}", fmt_node_id(u.node_id)))?;
             updates.push((delta, u.examples));
@@ -540,21 +550,37 @@ impl Ctx {
             .map_err(|e| JobError::Blob(format!("{hash}: {e}")))
     }
 
-    /// Fetches (from its author first) and decodes an update for `arch`, refusing one of the
-    /// wrong size or content.
+    /// Fetches (from its author first), opens and decodes an update for `arch` made in `round`
+    /// (job, round number, base model), refusing one of the wrong size or content, or one that
+    /// was not sealed for this node in that round by its author.
     async fn load_update(
         &self,
         hash: &str,
         author: NodeId,
+        round: (&str, u32, &str),
         arch: &agentmesh_federated::Architecture,
     ) -> Result<Vec<f32>, String> {
         let hint = self.peer_of(author);
-        // An update is exactly as large as the model: never download more than that.
-        let max = (arch.num_params() * 4) as u64 + HEADER_ALLOWANCE;
-        let bytes = self
+        // An update is exactly as large as the model, plus the seal: never download more.
+        let max = (arch.num_params() * 4) as u64
+            + HEADER_ALLOWANCE
+            + agentmesh_protocols::seal::overhead(agentmesh_protocols::seal::MAX_RECIPIENTS) as u64;
+        let sealed = self
             .get_blob(hash, hint.as_slice(), max)
             .await
             .map_err(|e| e.to_string())?;
+        if !agentmesh_protocols::seal::is_sealed(&sealed) {
+            return Err("the update is not sealed".into());
+        }
+        let (job_id, number, base_model) = round;
+        let context = update_context(job_id, number, base_model, author);
+        let bytes = self
+            .sealer
+            .open_update(&self.cluster, author, &sealed, &context)
+            .map_err(|e| format!("sealed update: {e}"))?;
+        if bytes.len() as u64 > (arch.num_params() * 4) as u64 + HEADER_ALLOWANCE {
+            return Err("the opened update is larger than the model".into());
+        }
         let (found, params, content) =
             agentmesh_federated::decode_params(&bytes).map_err(|e| e.to_string())?;
         if content != agentmesh_federated::Content::Update {

@@ -24,3 +24,4 @@ pub mod node;
 pub mod offline;
 pub mod peers;
 pub mod raft;
+pub mod sealing;

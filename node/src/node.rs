@@ -11,6 +11,7 @@ use crate::{
     network::{self, NetworkParams, INBOUND_BLOB_QUEUE, INBOUND_RAFT_QUEUE},
     peers::PeerStore,
     raft::{self as raft_glue, Entry, MeshTransport},
+    sealing::{self, Sealer},
 };
 use agentmesh_consensus::{Cluster, Identity};
 use agentmesh_federated::{Dataset, ExternalTrainer};
@@ -122,6 +123,11 @@ pub async fn run(config: NodeConfig) -> Result<()> {
     .await
     .context("starting the Raft node")?;
     tokio::spawn(raft_glue::serve(cluster.clone(), net.clone(), raft_rx));
+    let sealer = Arc::new(
+        Sealer::load_or_create(&config.data_dir, peer_id.to_string(), cluster.node_id())
+            .context("loading the sealing keys")?,
+    );
+    tokio::spawn(sealing::publish(cluster.clone(), sealer.clone()));
     {
         // The mesh serves gossip and blobs to the cluster's members only.
         let mut members = cluster.members_watch();
@@ -193,6 +199,7 @@ pub async fn run(config: NodeConfig) -> Result<()> {
         fetcher.clone(),
         events.clone(),
         signing_key.clone(),
+        sealer.clone(),
         training,
         eval,
     )
@@ -212,6 +219,7 @@ pub async fn run(config: NodeConfig) -> Result<()> {
         readiness: readiness.clone(),
         cluster: cluster.clone(),
         jobs,
+        sealer,
         access: api::auth::Access::new(api_key, config.api_rate_limit),
         name: config.name.clone(),
         expects_peers: !config.bootstrap.is_empty(),

@@ -13,6 +13,8 @@
 //!   [`MeshConfig`].
 //! - [`jobs`]: training-job messages on gossipsub: signed update announcements and
 //!   model-copy notices (JSON, size-limited).
+//! - [`seal`]: per-peer sealing of private data (model updates): X25519 pair keys through
+//!   HKDF, XChaCha20-Poly1305, one data key wrapped for each recipient.
 //! - [`raft`]: the Raft protocol (`/agentmesh/raft/1.0.0`), opaque frames between
 //!   cluster members.
 //!
@@ -36,6 +38,7 @@ mod codec;
 mod envelope;
 pub mod jobs;
 pub mod raft;
+pub mod seal;
 
 pub use behaviour::{
     gossip_message_id, topic_score_params, BehaviourError, MeshBehaviour, MeshBehaviourEvent,

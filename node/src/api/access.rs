@@ -6,7 +6,7 @@ use axum::{
     body::Body,
     extract::{Extension, Path, Query, State},
     http::StatusCode,
-    routing::{delete, get},
+    routing::{delete, get, post},
     Json, Router,
 };
 use serde::Deserialize;
@@ -20,6 +20,82 @@ pub(super) fn routes() -> Router<Shared> {
         .route("/v1/apikeys", get(list).post(create))
         .route("/v1/apikeys/{id}", delete(revoke))
         .route("/v1/audit", get(audit))
+        .route("/v1/keys", get(seal_keys))
+        .route("/v1/keys/rotate", post(rotate_seal_key))
+}
+
+/// Every member's published sealing keys (ids and times; the current one last).
+async fn seal_keys(State(s): State<Shared>) -> Result<Json<Value>, ApiError> {
+    let members = s.cluster.read(|st| {
+        st.members
+            .values()
+            .map(|m| {
+                let keys: Vec<Value> = m
+                    .seal_keys
+                    .iter()
+                    .filter_map(|k| {
+                        let public = k.public_bytes()?;
+                        Some(json!({
+                            "key_id": hex::encode(agentmesh_protocols::seal::key_id(&public)),
+                            "created_at_ms": k.created_at_ms,
+                        }))
+                    })
+                    .collect();
+                json!({
+                    "node_id": agentmesh_consensus::fmt_node_id(m.node_id),
+                    "peer_id": m.peer_id,
+                    "name": m.name,
+                    "state": m.state,
+                    "keys": keys,
+                })
+            })
+            .collect::<Vec<Value>>()
+    })?;
+    Ok(Json(Value::Array(members)))
+}
+
+/// Makes this node a new sealing key, stores it and publishes it. The older secrets stay, so
+/// what was sealed for them still opens: nothing stops.
+async fn rotate_seal_key(
+    State(s): State<Shared>,
+    Extension(caller): Extension<Caller>,
+) -> Result<Json<Value>, ApiError> {
+    if !s.cluster.is_member() {
+        return Err(ApiError(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "this node is not a cluster member yet".into(),
+        ));
+    }
+    let (sealer, floor) = (s.sealer.clone(), s.sealer.next_key_floor(&s.cluster));
+    let (secret, created_at_ms) = tokio::task::spawn_blocking(move || sealer.rotate(floor))
+        .await
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    let key_id = hex::encode(secret.id());
+    // Stored first, so a published key always has its secret. Until the key is published
+    // the node goes on sealing with the old one, and publishes the new one when it can.
+    s.cluster
+        .publish_seal_key(
+            secret.public(),
+            created_at_ms,
+            &format!("key {key_id}"),
+            &caller.actor,
+        )
+        .await
+        .map_err(|e| {
+            ApiError(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "key {key_id} is stored but not yet published ({e}); this node publishes \
+                     it as soon as it can"
+                ),
+            )
+        })?;
+    Ok(Json(json!({
+        "node_id": agentmesh_consensus::fmt_node_id(s.cluster.node_id()),
+        "key_id": key_id,
+        "created_at_ms": created_at_ms,
+    })))
 }
 
 /// A key record as the API shows it: never the hash.

@@ -52,6 +52,50 @@ pub(super) async fn list(api: &Api) -> Result<()> {
     Ok(())
 }
 
+pub(super) async fn rotate_key(api: &Api) -> Result<()> {
+    let v = api
+        .json(api.request(reqwest::Method::POST, "/v1/keys/rotate"))
+        .await?;
+    if api.json {
+        api.print_json(&v);
+    } else {
+        println!(
+            "{} now seals with key {}",
+            s(&v, "node_id"),
+            s(&v, "key_id")
+        );
+    }
+    Ok(())
+}
+
+pub(super) async fn keys(api: &Api) -> Result<()> {
+    let v = api
+        .json(api.request(reqwest::Method::GET, "/v1/keys"))
+        .await?;
+    if api.json {
+        api.print_json(&v);
+        return Ok(());
+    }
+    println!(
+        "{:<18} {:<12} {:<18} {:<20} NAME",
+        "NODE", "STATE", "KEY", "CREATED"
+    );
+    for m in v.as_array().into_iter().flatten() {
+        let current = m["keys"].as_array().and_then(|k| k.last());
+        println!(
+            "{:<18} {:<12} {:<18} {:<20} {}",
+            s(m, "node_id"),
+            s(m, "state"),
+            current.map_or("-".to_string(), |k| s(k, "key_id").to_string()),
+            current
+                .and_then(|k| k["created_at_ms"].as_u64())
+                .map_or("-".to_string(), time),
+            s(m, "name")
+        );
+    }
+    Ok(())
+}
+
 pub(super) async fn revoke(api: &Api, id: &str) -> Result<()> {
     let v = api
         .json(api.request(reqwest::Method::DELETE, &format!("/v1/apikeys/{id}")))

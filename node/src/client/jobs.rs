@@ -293,6 +293,11 @@ pub(super) async fn verify(api: &Api, id: &str, round: Option<u32>) -> Result<()
         for r in v["rounds"].as_array().into_iter().flatten() {
             let verdict = if r["ok"].as_bool() == Some(true) {
                 "ok".to_string()
+            } else if r["recomputed"].is_null() {
+                format!(
+                    "NOT RECOMPUTED here: {}",
+                    r["error"].as_str().unwrap_or("unknown error")
+                )
             } else {
                 format!(
                     "MISMATCH (recomputed {}{})",
@@ -312,7 +317,17 @@ pub(super) async fn verify(api: &Api, id: &str, round: Option<u32>) -> Result<()
         }
     }
     if v["ok"].as_bool() != Some(true) {
-        bail!("job {id}: recomputed rounds do not match the committed models");
+        let rounds = v["rounds"].as_array().cloned().unwrap_or_default();
+        if rounds
+            .iter()
+            .any(|r| r["ok"].as_bool() != Some(true) && !r["recomputed"].is_null())
+        {
+            bail!("job {id}: recomputed rounds do not match the committed models");
+        }
+        bail!(
+            "job {id}: some rounds could not be recomputed on this node (updates are sealed \
+             for the voters: verify on a voter)"
+        );
     }
     Ok(())
 }

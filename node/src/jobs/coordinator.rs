@@ -395,9 +395,10 @@ async fn collect(
         };
         let (fetch_ctx, hash, arch, author) =
             (ctx.clone(), a.update_hash.clone(), arch.clone(), a.node_id);
+        let (job, round, base) = (job_id.to_string(), a.round, a.base_model.clone());
         let handle = tokio::spawn(async move {
             let checked = fetch_ctx
-                .load_update(&hash, author, &arch)
+                .load_update(&hash, author, (&job, round, &base), &arch)
                 .await
                 .and_then(|delta| match delta.iter().position(|v| !v.is_finite()) {
                     Some(i) => Err(format!("parameter {i} is not finite")),

@@ -1,6 +1,9 @@
 //! The participant side: train on this node's private data when a round names us.
 
-use super::{announce, spec::JobSpec, unix_now_ms, Announcement, Ctx, UpdateTiming, JOBS_TOPIC};
+use super::{
+    announce, spec::JobSpec, unix_now_ms, update_context, Announcement, Ctx, UpdateTiming,
+    JOBS_TOPIC,
+};
 use agentmesh_consensus::{JobCommand, RoundStart, TrainerInfo};
 use agentmesh_federated::{
     add_gaussian_noise, clip_l2, encode_params, Attack, Content, Dataset, ExternalTrainer,
@@ -27,6 +30,9 @@ pub enum RedTeam {
     Attack(Attack),
     /// Send NaN in every coordinate (the aggregator must refuse it before aggregating).
     NaN,
+    /// Flip a bit of the sealed update after sealing it (the aggregator must refuse it: the
+    /// seal no longer opens).
+    Tamper,
 }
 
 impl FromStr for RedTeam {
@@ -39,9 +45,11 @@ impl FromStr for RedTeam {
             "alie" => Self::Attack(Attack::Alie),
             "ipm" => Self::Attack(Attack::InnerProduct { epsilon: 4.0 }),
             "nan" => Self::NaN,
+            "tamper" => Self::Tamper,
             other => {
                 return Err(format!(
-                    "unknown attack {other:?}: use sign-flip, scale, gaussian, alie, ipm or nan"
+                    "unknown attack {other:?}: use sign-flip, scale, gaussian, alie, ipm, nan \
+                     or tamper"
                 ))
             }
         })
@@ -198,10 +206,29 @@ async fn train_round(
             delta = attack.corrupt(&delta, &[&delta], n, spec.byzantine.max(1), &mut rng);
         }
         Some(RedTeam::NaN) => delta.iter_mut().for_each(|v| *v = f32::NAN),
-        None => {}
+        Some(RedTeam::Tamper) | None => {}
     }
     let update = encode_params(&arch, &delta, Content::Update).map_err(|e| e.to_string())?;
-    let update_hash = ctx.put_blob(update).await.map_err(|e| e.to_string())?;
+    // Sealed for the voters (the nodes that may aggregate the round), bound to this round.
+    let context = update_context(job_id, start.round, &start.base_model, ctx.node_id);
+    let mut sealed = loop {
+        // A leader that has just joined may not have published its key yet: wait for it.
+        match ctx.sealer.seal_update(&ctx.cluster, &update, &context) {
+            Ok(sealed) => break sealed,
+            Err(e) if unix_now_ms() + 200 < start.deadline_ms => {
+                tracing::debug!(error = %e, "sealing the update; retrying");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => return Err(format!("sealing the update: {e}")),
+        }
+    };
+    if red_team == Some(RedTeam::Tamper) {
+        // Alter the sealed bytes after sealing, as a node in the path would.
+        if let Some(last) = sealed.last_mut() {
+            *last ^= 0x01;
+        }
+    }
+    let update_hash = ctx.put_blob(sealed).await.map_err(|e| e.to_string())?;
     let signature = announce::sign(
         &ctx.signing_key,
         job_id,
