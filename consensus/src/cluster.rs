@@ -13,6 +13,7 @@ use serde::Serialize;
 use tokio::sync::{mpsc, oneshot, watch};
 
 mod audit;
+mod forwarded;
 mod gate;
 
 pub use audit::MAX_AUDIT_READ;
@@ -1522,6 +1523,11 @@ impl Inner {
         token: Option<String>,
         key_proof: Option<Vec<u8>>,
     ) -> Result<ClientReply, ClusterError> {
+        if member.node_id != node_id_for(&member.peer_id) {
+            return Err(ClusterError::Invalid(
+                "the node id is not derived from the peer id".into(),
+            ));
+        }
         let now = unix_now();
         let cluster_id = {
             let applied = self.state.read().map_err(|_| poisoned())?;
@@ -1744,6 +1750,13 @@ impl Inner {
                 if self.raft.current_leader().await != Some(self.id) {
                     let e = ClusterError::NoLeader("not the leader".into());
                     return RpcResponse::Client(Err(e.to_remote()));
+                }
+                if let ClientOp::Write(cmd) = &op {
+                    if let Err(why) = forwarded::check(caller_id, caller, cmd) {
+                        tracing::warn!(%caller, %why, "refusing a forwarded write");
+                        let e = ClusterError::Invalid(format!("refused from {caller}: {why}"));
+                        return RpcResponse::Client(Err(e.to_remote()));
+                    }
                 }
                 RpcResponse::Client(self.execute_local(op).await.map_err(|e| e.to_remote()))
             }

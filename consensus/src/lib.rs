@@ -41,7 +41,10 @@ pub use jobs::{
     MAX_PARTICIPANTS, MAX_ROUNDS, MAX_ROUND_ATTEMPTS,
 };
 pub use network::{CallFuture, Transport, TransportError};
-pub use rpc::{fuzz_decode_request, hostile_vote_request, refusal_reason, MAX_RPC_SIZE};
+pub use rpc::{
+    client_error, fuzz_decode_request, hostile_forwarded_leave, hostile_vote_request,
+    refusal_reason, MAX_RPC_SIZE,
+};
 pub use state::{
     ClusterState, KvEntry, MAX_KEY_LEN, MAX_KV_BYTES, MAX_MEMBERS, MAX_NAME_LEN, MAX_VALUE_LEN,
 };

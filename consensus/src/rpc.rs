@@ -156,6 +156,24 @@ pub fn hostile_vote_request(term: u64, candidate: NodeId) -> Vec<u8> {
     encode(&RpcRequest::Vote(VoteRequest::new(vote, Some(last))))
 }
 
+/// For tests that play a compromised member: a forwarded write making `target` leave, which
+/// only `target` itself may ask for.
+#[doc(hidden)]
+pub fn hostile_forwarded_leave(target: NodeId) -> Vec<u8> {
+    encode(&RpcRequest::Forward(ClientOp::Write(
+        crate::types::Command::Leave { node_id: target },
+    )))
+}
+
+/// For tests: the error message, if `bytes` is a client reply that failed.
+#[doc(hidden)]
+pub fn client_error(bytes: &[u8]) -> Option<String> {
+    match decode::<RpcResponse>(bytes) {
+        Ok(RpcResponse::Client(Err(e))) => Some(e.message),
+        _ => None,
+    }
+}
+
 /// For tests: the reason, if `bytes` is a response refusing the request.
 #[doc(hidden)]
 pub fn refusal_reason(bytes: &[u8]) -> Option<String> {

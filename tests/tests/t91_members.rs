@@ -205,3 +205,108 @@ async fn a_removed_member_is_cut_off_and_needs_a_new_token() -> Result<()> {
     assert!(ok, "{text}");
     Ok(())
 }
+
+/// A compromised member cannot make the leader change another member's own record: it
+/// forwards "this node leaves" in a third member's name, from its own (real, member)
+/// identity, and the leader refuses it; the third member stays active.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_member_cannot_forward_a_change_to_another_members_record() -> Result<()> {
+    use agentmesh_protocols::raft::{self, RaftFrame};
+    use futures::StreamExt;
+    use libp2p::{
+        request_response::{self, ProtocolSupport},
+        swarm::SwarmEvent,
+        Multiaddr, PeerId,
+    };
+    let root = tempfile::tempdir()?;
+    let mut nodes = start_cluster(root.path(), "f", 3, &fast_raft_args()).await?;
+    wait_members(&nodes, Duration::from_secs(30)).await?;
+    let leader_peer = nodes[0].cluster().await?["leader_peer_id"]
+        .as_str()
+        .context("no leader")?
+        .to_string();
+    let leader = nodes
+        .iter()
+        .position(|n| n.info.peer_id == leader_peer)
+        .context("no node leads")?;
+    let (rogue, target) = ((leader + 1) % 3, (leader + 2) % 3);
+    let target_peer = nodes[target].info.peer_id.clone();
+    let target_id = agentmesh_consensus::node_id_for(&target_peer);
+
+    // The rogue member's node stops; its identity, a member's, is used by a hand-made peer.
+    nodes[rogue].kill().await?;
+    let key = std::fs::read(nodes[rogue].data_dir.join("identity.key"))?;
+    let keypair = libp2p::identity::Keypair::from_protobuf_encoding(&key)?;
+    let mut swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
+        .with_tokio()
+        .with_tcp(
+            Default::default(),
+            libp2p::noise::Config::new,
+            libp2p::yamux::Config::default,
+        )?
+        .with_behaviour(|_| {
+            request_response::Behaviour::with_codec(
+                raft::codec(),
+                [(raft::PROTOCOL, ProtocolSupport::Outbound)],
+                request_response::Config::default(),
+            )
+        })?
+        .build();
+    // Asked of whichever node leads now (the kill may have moved the lead), again while the
+    // answer is "not the leader".
+    let mut answer = Vec::new();
+    for _ in 0..10 {
+        let survivor = &nodes[target];
+        let now_leading = survivor.cluster().await?["leader_peer_id"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        let Some(at) = nodes.iter().position(|n| {
+            n.info.peer_id == now_leading && n.info.peer_id != nodes[rogue].info.peer_id
+        }) else {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        };
+        let peer: PeerId = now_leading.parse()?;
+        swarm.add_peer_address(peer, nodes[at].tcp_addr().parse::<Multiaddr>()?);
+        let request = RaftFrame(agentmesh_consensus::hostile_forwarded_leave(target_id));
+        let id = swarm.behaviour_mut().send_request(&peer, request);
+        answer = tokio::time::timeout(Duration::from_secs(20), async {
+            loop {
+                match swarm.select_next_some().await {
+                    SwarmEvent::Behaviour(request_response::Event::Message {
+                        message:
+                            request_response::Message::Response {
+                                request_id,
+                                response,
+                            },
+                        ..
+                    }) if request_id == id => return Ok(response.0),
+                    SwarmEvent::Behaviour(request_response::Event::OutboundFailure {
+                        request_id,
+                        error,
+                        ..
+                    }) if request_id == id => return Err(anyhow::anyhow!("{error}")),
+                    _ => {}
+                }
+            }
+        })
+        .await??;
+        if !agentmesh_consensus::client_error(&answer).is_some_and(|e| e.contains("not the leader"))
+        {
+            break;
+        }
+    }
+    let error =
+        agentmesh_consensus::client_error(&answer).context("the forged leave was not refused")?;
+    assert!(error.contains("only for itself"), "{error}");
+    let c = nodes[target].cluster().await?;
+    let state = c["members"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|m| m["peer_id"] == target_peer.as_str())
+        .map(|m| m["state"].clone());
+    assert_eq!(state, Some(Value::from("active")), "{c}");
+    Ok(())
+}
