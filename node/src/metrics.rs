@@ -17,6 +17,8 @@ pub struct Metrics {
     pub gossip_rejected: IntCounter,
     /// Blob requests refused because the peer is not a member of the cluster.
     pub non_member_refusals: IntCounter,
+    /// Raft frames not sent because their caller gave up while the peer was being dialled.
+    pub raft_frames_expired: IntCounter,
     /// Blob chunks fetched and verified.
     pub blob_chunks_fetched: IntCounter,
     /// Blob chunks that failed verification.
@@ -75,6 +77,11 @@ impl Metrics {
                 &r,
                 "agentmesh_non_member_refusals_total",
                 "Blob requests refused because the peer is not a member of the cluster",
+            )?,
+            raft_frames_expired: counter(
+                &r,
+                "agentmesh_raft_frames_expired_total",
+                "Raft frames not sent because their caller gave up while the peer was being dialled",
             )?,
             blob_chunks_fetched: counter(
                 &r,

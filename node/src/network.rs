@@ -204,6 +204,15 @@ pub struct TopicInfo {
 
 type Reply<T> = oneshot::Sender<T>;
 
+/// Raft frames that may wait for a dial to one peer, at most; past it a request fails at once.
+const MAX_WAITING_RAFT: usize = 256;
+
+/// A Raft frame waiting for a connection to its peer.
+struct WaitingRaft {
+    frame: Vec<u8>,
+    reply: Reply<Result<Vec<u8>, NetworkError>>,
+}
+
 /// Requests to the swarm task.
 pub enum Command {
     /// Publish a payload on a topic.
@@ -497,6 +506,7 @@ pub fn spawn(
         pending_providers: HashMap::new(),
         pending_blob: HashMap::new(),
         pending_raft: HashMap::new(),
+        waiting_raft: HashMap::new(),
         kad_bootstrapped: false,
         members: None,
         strangers: HashMap::new(),
@@ -578,6 +588,9 @@ struct Task {
         HashMap<request_response::OutboundRequestId, Reply<Result<BlobResponse, NetworkError>>>,
     pending_raft:
         HashMap<request_response::OutboundRequestId, Reply<Result<Vec<u8>, NetworkError>>>,
+    /// Raft frames for peers being dialled, sent once the connection is up unless their
+    /// caller has given up by then (see [`Task::raft_request`]).
+    waiting_raft: HashMap<PeerId, Vec<WaitingRaft>>,
     kad_bootstrapped: bool,
     /// The cluster's members, when this node is in one: the only peers served gossip, blobs
     /// and Raft (see [`Task::is_member`]).
@@ -828,15 +841,7 @@ impl Task {
                 self.pending_blob.insert(id, reply);
             }
             Command::RaftRequest(peer, addrs, frame, reply) => {
-                for addr in addrs {
-                    self.swarm.add_peer_address(peer, addr);
-                }
-                let id = self
-                    .swarm
-                    .behaviour_mut()
-                    .raft
-                    .send_request(&peer, RaftFrame(frame));
-                self.pending_raft.insert(id, reply);
+                self.raft_request(peer, addrs, frame, reply)
             }
             Command::RaftRespond(channel, frame) => {
                 // Fails only if the requester has gone away; nothing to do then.
@@ -968,7 +973,10 @@ impl Task {
                 endpoint,
                 num_established,
                 ..
-            } => self.on_connected(peer_id, connection_id, endpoint, num_established.get()),
+            } => {
+                self.on_connected(peer_id, connection_id, endpoint, num_established.get());
+                self.flush_waiting_raft(peer_id);
+            }
             SwarmEvent::ConnectionClosed {
                 peer_id,
                 num_established,
@@ -1003,6 +1011,13 @@ impl Task {
             } => {
                 let now = Instant::now();
                 if let Some(peer) = peer_id {
+                    // A bootstrap dial (to an address, not a peer) does not stand in for
+                    // the dial a waiting frame started; that one ends with its own event.
+                    if !self.swarm.is_connected(&peer)
+                        && !self.bootstrap_dials.contains_key(&connection_id)
+                    {
+                        self.fail_waiting_raft(peer, &error.to_string());
+                    }
                     if !self.live.contains_key(&peer) {
                         if let Some(b) = self.backoff.get_mut(&peer) {
                             b.failed(now);
@@ -1346,6 +1361,89 @@ impl Task {
             self.strangers.remove(&peer);
         } else {
             self.strangers.entry(peer).or_insert(now);
+        }
+    }
+
+    /// Sends a Raft frame to `peer`. A peer without a connection is dialled first and the
+    /// frame waits here, not in request-response's own queue: a dial can take seconds (a QUIC
+    /// handshake to a node that is down retries until it is back up), and a vote, an append or
+    /// a forwarded write delivered long after its caller gave up would act on a state the
+    /// caller has moved on from. So once the connection is up, only the frames whose caller
+    /// still waits are sent; a failed dial fails them all.
+    fn raft_request(
+        &mut self,
+        peer: PeerId,
+        addrs: Vec<Multiaddr>,
+        frame: Vec<u8>,
+        reply: Reply<Result<Vec<u8>, NetworkError>>,
+    ) {
+        for addr in &addrs {
+            self.swarm.add_peer_address(peer, addr.clone());
+        }
+        if self.swarm.is_connected(&peer) {
+            self.send_raft(peer, frame, reply);
+            return;
+        }
+        let waiting = self.waiting_raft.entry(peer).or_default();
+        let before = waiting.len();
+        waiting.retain(|w| !w.reply.is_closed());
+        self.metrics
+            .raft_frames_expired
+            .inc_by((before - waiting.len()) as u64);
+        if waiting.len() >= MAX_WAITING_RAFT {
+            let _ = reply.send(Err(NetworkError::Unreachable {
+                peer,
+                reason: "too many requests already wait for a connection".into(),
+            }));
+            return;
+        }
+        waiting.push(WaitingRaft { frame, reply });
+        let dial = DialOpts::peer_id(peer)
+            .condition(PeerCondition::DisconnectedAndNotDialing)
+            .addresses(addrs)
+            .extend_addresses_through_behaviour()
+            .build();
+        match self.swarm.dial(dial) {
+            Ok(()) | Err(DialError::DialPeerConditionFalse(_)) => {}
+            Err(e) => self.fail_waiting_raft(peer, &e.to_string()),
+        }
+    }
+
+    fn send_raft(
+        &mut self,
+        peer: PeerId,
+        frame: Vec<u8>,
+        reply: Reply<Result<Vec<u8>, NetworkError>>,
+    ) {
+        let id = self
+            .swarm
+            .behaviour_mut()
+            .raft
+            .send_request(&peer, RaftFrame(frame));
+        self.pending_raft.insert(id, reply);
+    }
+
+    /// A connection to `peer` is up: its waiting Raft frames go out, but only those whose
+    /// caller still waits.
+    fn flush_waiting_raft(&mut self, peer: PeerId) {
+        for w in self.waiting_raft.remove(&peer).unwrap_or_default() {
+            if w.reply.is_closed() {
+                self.metrics.raft_frames_expired.inc();
+            } else {
+                self.send_raft(peer, w.frame, w.reply);
+            }
+        }
+    }
+
+    fn fail_waiting_raft(&mut self, peer: PeerId, reason: &str) {
+        for w in self.waiting_raft.remove(&peer).unwrap_or_default() {
+            if w.reply.is_closed() {
+                self.metrics.raft_frames_expired.inc();
+            }
+            let _ = w.reply.send(Err(NetworkError::Unreachable {
+                peer,
+                reason: reason.to_string(),
+            }));
         }
     }
 

@@ -573,6 +573,17 @@ pub fn fast_raft_args() -> Vec<String> {
     .collect()
 }
 
+/// The listen and API flags `node` was started with, so a restart reuses its ports, plus
+/// [`fast_raft_args`].
+pub fn restart_args(node: &Node) -> Vec<String> {
+    let mut args = fast_raft_args();
+    args.extend(["--api".into(), node.info.api.clone()]);
+    for addr in &node.info.listen_addrs {
+        args.extend(["--listen".into(), addr.clone()]);
+    }
+    args
+}
+
 impl Node {
     /// `GET /v1/cluster`.
     pub async fn cluster(&self) -> Result<Value> {

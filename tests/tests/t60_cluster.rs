@@ -2,7 +2,7 @@
 //! replicated kv store, leader failure, graceful leave and rejoin, rename.
 
 use agentmesh_tests::{
-    fast_raft_args, fixed_ports, leader_of, shape, start_cluster, wait_until, Node,
+    fast_raft_args, fixed_ports, leader_of, restart_args, shape, start_cluster, wait_until, Node,
 };
 use anyhow::{bail, Context, Result};
 use serde_json::json;
@@ -286,16 +286,6 @@ async fn kv_writes_from_any_node_survive_the_leader_being_killed() -> Result<()>
     )
     .await?;
     Ok(())
-}
-
-/// The listen and API flags a node was started with, so a restart reuses its ports.
-fn restart_args(node: &Node) -> Vec<String> {
-    let mut args = fast_raft_args();
-    args.extend(["--api".into(), node.info.api.clone()]);
-    for addr in &node.info.listen_addrs {
-        args.extend(["--listen".into(), addr.clone()]);
-    }
-    args
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -5,8 +5,8 @@
 
 use agentmesh_tests::events::{next_gossip, subscribe_ws, wait_subscribers};
 use agentmesh_tests::{
-    fast_raft_args, fixed_ports, ok_stdout, pseudo_random, shape, start_cluster, wait_members,
-    wait_until, write_file, Node,
+    fast_raft_args, fixed_ports, leader_of, ok_stdout, pseudo_random, restart_args, shape,
+    start_cluster, wait_members, wait_until, write_file, Node,
 };
 use anyhow::{Context, Result};
 use serde_json::Value;
@@ -309,4 +309,130 @@ async fn a_member_cannot_forward_a_change_to_another_members_record() -> Result<
         .map(|m| m["state"].clone());
     assert_eq!(state, Some(Value::from("active")), "{c}");
     Ok(())
+}
+
+/// A member that was down while a new node joined and became leader does not know that
+/// leader, so on restart it asks the members it knows, which vouch for it; it then takes the
+/// leader's entries and catches up. Without the asking it would refuse the leader's Raft
+/// messages for good: no entry that would tell it of the new member can reach it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_member_that_was_down_is_vouched_for_a_leader_it_never_saw() -> Result<()> {
+    let root = tempfile::tempdir()?;
+    let mut nodes = start_cluster(root.path(), "v", 3, &fast_raft_args()).await?;
+    let leader = leader_of(&nodes[0]).await.context("no leader")?;
+    let behind = nodes
+        .iter()
+        .position(|n| n.info.peer_id != leader)
+        .context("no follower")?;
+    let behind_args = restart_args(&nodes[behind]);
+    let behind_name = nodes[behind].name.clone();
+    nodes[behind].kill().await?;
+    let up: Vec<usize> = (0..3).filter(|i| *i != behind).collect();
+
+    // A fourth node joins while it is down and takes its vote.
+    let token = nodes[up[0]].token(600).await?;
+    let mut args = fixed_ports()?;
+    args.extend([
+        "--bootstrap".into(),
+        nodes[up[0]].tcp_addr(),
+        "--join".into(),
+        token,
+    ]);
+    args.extend(fast_raft_args());
+    let newcomer = Node::start(root.path(), "v3", &args).await?;
+    let newcomer_id = agentmesh_consensus::node_id_for(&newcomer.info.peer_id);
+    let newcomer_hex = format!("{newcomer_id:016x}");
+    wait_until(
+        "the newcomer to replace the stopped voter",
+        Duration::from_secs(30),
+        || async {
+            let c = nodes[up[0]].cluster().await?;
+            let voters = c["voters"].as_array().cloned().unwrap_or_default();
+            Ok(voters.iter().any(|v| v == newcomer_hex.as_str())
+                && c["membership_changing"] == false)
+        },
+    )
+    .await?;
+    nodes.push(newcomer);
+    let newcomer = nodes.len() - 1;
+
+    // The lead moves until the newcomer has it: the leader is killed and restarted. A
+    // restarted leader resumes as leader of its old term until the others tell it of the
+    // newer one, and the returning member must not hear from it then (it would get the
+    // newcomer's join from it and need no one to vouch), so each step waits until every
+    // running member names the same leader.
+    let running: Vec<usize> = up.iter().copied().chain([newcomer]).collect();
+    let mut led = false;
+    for _ in 0..12 {
+        wait_until(
+            "one leader all agree on",
+            Duration::from_secs(20),
+            || async { Ok(agreed_leader(&nodes, &running).await.is_some()) },
+        )
+        .await?;
+        let current = agreed_leader(&nodes, &running).await.context("no leader")?;
+        if current == nodes[newcomer].info.peer_id {
+            led = true;
+            break;
+        }
+        let at = up
+            .iter()
+            .copied()
+            .find(|i| nodes[*i].info.peer_id == current)
+            .context("the leader is not a running member")?;
+        let again = restart_args(&nodes[at]);
+        let name = nodes[at].name.clone();
+        nodes[at].kill().await?;
+        let others: Vec<usize> = running.iter().copied().filter(|i| *i != at).collect();
+        wait_until("another leader", Duration::from_secs(20), || async {
+            Ok(agreed_leader(&nodes, &others)
+                .await
+                .is_some_and(|l| l != current))
+        })
+        .await?;
+        nodes[at] = Node::start(root.path(), &name, &again).await?;
+    }
+    assert!(led, "the newcomer never took the lead");
+
+    // The member that was down comes back: it knew nothing of the newcomer, yet follows it.
+    let log_before = std::fs::metadata(&nodes[behind].log)?.len() as usize;
+    nodes[behind] = Node::start(root.path(), &behind_name, &behind_args).await?;
+    let leader_peer = nodes[newcomer].info.peer_id.clone();
+    wait_until(
+        "the returning member to follow the newcomer and catch up",
+        Duration::from_secs(30),
+        || async {
+            let c = nodes[behind].cluster().await?;
+            let at_leader = nodes[newcomer].cluster().await?["last_applied"]
+                .as_u64()
+                .unwrap_or(0);
+            let knows = c["members"]
+                .as_array()
+                .is_some_and(|m| m.iter().any(|m| m["peer_id"] == leader_peer.as_str()));
+            Ok(c["leader_peer_id"] == leader_peer.as_str()
+                && knows
+                && c["last_applied"].as_u64().unwrap_or(0) >= at_leader)
+        },
+    )
+    .await?;
+    let log = std::fs::read(&nodes[behind].log)?;
+    let since_restart = String::from_utf8_lossy(&log[log_before.min(log.len())..]);
+    assert!(
+        since_restart.contains("a member vouched for a peer"),
+        "{since_restart}"
+    );
+    Ok(())
+}
+
+/// The leader every node in `which` names, if they all name the same one.
+async fn agreed_leader(nodes: &[Node], which: &[usize]) -> Option<String> {
+    let mut agreed: Option<String> = None;
+    for i in which {
+        let leader = leader_of(&nodes[*i]).await?;
+        if agreed.as_ref().is_some_and(|a| *a != leader) {
+            return None;
+        }
+        agreed = Some(leader);
+    }
+    agreed
 }
