@@ -343,7 +343,6 @@ async fn garbage_on_the_wire_is_refused_without_harm() -> Result<()> {
 /// a far higher term, claiming a longer log, is refused, and the cluster keeps its term.
 #[tokio::test(flavor = "multi_thread")]
 async fn an_outsider_cannot_drive_raft() -> Result<()> {
-    use agentmesh_protocols::raft::{self, RaftFrame};
     let root = tempfile::tempdir()?;
     // Three members: the node asked does not know the outsider and asks the other two
     // (IsMember) before refusing.
@@ -352,47 +351,15 @@ async fn an_outsider_cannot_drive_raft() -> Result<()> {
     let term = |v: &Value| v["term"].as_u64();
     let before = term(&node.get_json("/v1/cluster").await?);
 
-    let mut swarm = libp2p::SwarmBuilder::with_new_identity()
-        .with_tokio()
-        .with_tcp(
-            Default::default(),
-            libp2p::noise::Config::new,
-            libp2p::yamux::Config::default,
-        )?
-        .with_behaviour(|_| {
-            request_response::Behaviour::with_codec(
-                raft::codec(),
-                [(raft::PROTOCOL, ProtocolSupport::Outbound)],
-                request_response::Config::default(),
-            )
-        })?
-        .build();
-    let me = agentmesh_consensus::node_id_for(&swarm.local_peer_id().to_string());
-    let peer: PeerId = node.info.peer_id.parse()?;
-    swarm.add_peer_address(peer, node.tcp_addr().parse::<Multiaddr>()?);
-    let request = RaftFrame(agentmesh_consensus::hostile_vote_request(1_000_000, me));
-    let id = swarm.behaviour_mut().send_request(&peer, request);
-    let answer = tokio::time::timeout(Duration::from_secs(20), async {
-        loop {
-            match swarm.select_next_some().await {
-                SwarmEvent::Behaviour(request_response::Event::Message {
-                    message:
-                        request_response::Message::Response {
-                            request_id,
-                            response,
-                        },
-                    ..
-                }) if request_id == id => return Ok(response.0),
-                SwarmEvent::Behaviour(request_response::Event::OutboundFailure {
-                    request_id,
-                    error,
-                    ..
-                }) if request_id == id => return Err(anyhow::anyhow!("{error}")),
-                _ => {}
-            }
-        }
-    })
-    .await??;
+    let mut outsider = agentmesh_tests::raw_raft::RawRaftPeer::new(None)?;
+    let me = agentmesh_consensus::node_id_for(&outsider.peer_id().to_string());
+    let answer = outsider
+        .call(
+            node.info.peer_id.parse()?,
+            node.tcp_addr().parse()?,
+            agentmesh_consensus::hostile_vote_request(1_000_000, me),
+        )
+        .await?;
     let reason =
         agentmesh_consensus::refusal_reason(&answer).context("the vote request was not refused")?;
     assert!(reason.contains("not a member"), "{reason}");

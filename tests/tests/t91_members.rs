@@ -4,6 +4,7 @@
 //! come back.
 
 use agentmesh_tests::events::{next_gossip, subscribe_ws, wait_subscribers};
+use agentmesh_tests::raw_raft::RawRaftPeer;
 use agentmesh_tests::{
     fast_raft_args, fixed_ports, leader_of, ok_stdout, pseudo_random, restart_args, shape,
     start_cluster, wait_members, wait_until, write_file, Node,
@@ -211,13 +212,6 @@ async fn a_removed_member_is_cut_off_and_needs_a_new_token() -> Result<()> {
 /// identity, and the leader refuses it; the third member stays active.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_member_cannot_forward_a_change_to_another_members_record() -> Result<()> {
-    use agentmesh_protocols::raft::{self, RaftFrame};
-    use futures::StreamExt;
-    use libp2p::{
-        request_response::{self, ProtocolSupport},
-        swarm::SwarmEvent,
-        Multiaddr, PeerId,
-    };
     let root = tempfile::tempdir()?;
     let mut nodes = start_cluster(root.path(), "f", 3, &fast_raft_args()).await?;
     wait_members(&nodes, Duration::from_secs(30)).await?;
@@ -237,21 +231,7 @@ async fn a_member_cannot_forward_a_change_to_another_members_record() -> Result<
     nodes[rogue].kill().await?;
     let key = std::fs::read(nodes[rogue].data_dir.join("identity.key"))?;
     let keypair = libp2p::identity::Keypair::from_protobuf_encoding(&key)?;
-    let mut swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
-        .with_tokio()
-        .with_tcp(
-            Default::default(),
-            libp2p::noise::Config::new,
-            libp2p::yamux::Config::default,
-        )?
-        .with_behaviour(|_| {
-            request_response::Behaviour::with_codec(
-                raft::codec(),
-                [(raft::PROTOCOL, ProtocolSupport::Outbound)],
-                request_response::Config::default(),
-            )
-        })?
-        .build();
+    let mut rogue_peer = RawRaftPeer::new(Some(keypair))?;
     // Asked of whichever node leads now (the kill may have moved the lead), again while the
     // answer is "not the leader".
     let mut answer = Vec::new();
@@ -267,31 +247,13 @@ async fn a_member_cannot_forward_a_change_to_another_members_record() -> Result<
             tokio::time::sleep(Duration::from_millis(200)).await;
             continue;
         };
-        let peer: PeerId = now_leading.parse()?;
-        swarm.add_peer_address(peer, nodes[at].tcp_addr().parse::<Multiaddr>()?);
-        let request = RaftFrame(agentmesh_consensus::hostile_forwarded_leave(target_id));
-        let id = swarm.behaviour_mut().send_request(&peer, request);
-        answer = tokio::time::timeout(Duration::from_secs(20), async {
-            loop {
-                match swarm.select_next_some().await {
-                    SwarmEvent::Behaviour(request_response::Event::Message {
-                        message:
-                            request_response::Message::Response {
-                                request_id,
-                                response,
-                            },
-                        ..
-                    }) if request_id == id => return Ok(response.0),
-                    SwarmEvent::Behaviour(request_response::Event::OutboundFailure {
-                        request_id,
-                        error,
-                        ..
-                    }) if request_id == id => return Err(anyhow::anyhow!("{error}")),
-                    _ => {}
-                }
-            }
-        })
-        .await??;
+        answer = rogue_peer
+            .call(
+                now_leading.parse()?,
+                nodes[at].tcp_addr().parse()?,
+                agentmesh_consensus::hostile_forwarded_leave(target_id),
+            )
+            .await?;
         if !agentmesh_consensus::client_error(&answer).is_some_and(|e| e.contains("not the leader"))
         {
             break;
