@@ -331,6 +331,46 @@ impl Node {
         Ok(command.stdin(Stdio::null()).output()?)
     }
 
+    /// One request presenting `key` (or none, whatever key the node was launched with):
+    /// the status, the JSON body (a string if it is not JSON) and the headers.
+    pub async fn call(
+        &self,
+        key: Option<&str>,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> Result<(reqwest::StatusCode, Value, reqwest::header::HeaderMap)> {
+        let mut req = reqwest::Client::new().request(method, self.url(path));
+        if let Some(key) = key {
+            req = req.bearer_auth(key);
+        }
+        if let Some(body) = body {
+            req = req.json(&body);
+        }
+        let res = req.send().await?;
+        let status = res.status();
+        let headers = res.headers().clone();
+        let text = res.text().await?;
+        let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        Ok((status, body, headers))
+    }
+
+    /// Creates an API key with `role` through the CLI: (id, key).
+    pub fn create_api_key(&self, role: &str) -> Result<(String, String)> {
+        let out = self.cli(&["apikey", "create", "--role", role, "--name", role])?;
+        let key = ok_stdout(&out)?
+            .lines()
+            .last()
+            .unwrap_or_default()
+            .to_string();
+        let id = key
+            .strip_prefix("amk_")
+            .and_then(|rest| rest.split_once('.'))
+            .map(|(id, _)| id.to_string())
+            .ok_or_else(|| anyhow!("`apikey create` printed no key: {key:?}"))?;
+        Ok((id, key))
+    }
+
     /// Process id.
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)

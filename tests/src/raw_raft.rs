@@ -77,4 +77,46 @@ impl RawRaftPeer {
         })
         .await?
     }
+
+    /// Sends `frame` to whichever of `nodes` leads, as `asked` (a live node) sees it, and
+    /// again while there is none or the answer is "not the leader" (a lead may be moving),
+    /// for up to 30 s: the last answer.
+    pub async fn call_leader(
+        &mut self,
+        nodes: &[crate::Node],
+        asked: &crate::Node,
+        frame: Vec<u8>,
+    ) -> Result<Vec<u8>> {
+        let me = self.peer_id().to_string();
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let leader = crate::leader_of(asked).await;
+            let node = nodes
+                .iter()
+                .find(|n| Some(&n.info.peer_id) == leader.as_ref() && n.info.peer_id != me);
+            let mut last_err = None;
+            if let Some(node) = node {
+                let peer = node.info.peer_id.parse()?;
+                match self
+                    .call(peer, node.tcp_addr().parse()?, frame.clone())
+                    .await
+                {
+                    Ok(answer) => {
+                        let moving = agentmesh_consensus::client_error(&answer)
+                            .is_some_and(|e| e.contains("not the leader"));
+                        if !moving {
+                            return Ok(answer);
+                        }
+                    }
+                    // A leader on its way out may not take the connection.
+                    Err(e) => last_err = Some(e),
+                }
+            }
+            if std::time::Instant::now() > deadline {
+                return Err(last_err.unwrap_or_else(|| anyhow!("no leader answered within 30 s")));
+            }
+            // Polled, like `wait_until`: a lead moves on the order of an election timeout.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
 }

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 const ADMIN_KEY: &str = "t90-admin-key-5f0c2a9b7e3d4c1a";
 
-/// One request to `node` presenting `key` (or none); the status and the JSON body.
+/// One request to `node` presenting `key` (or none): status, JSON body and headers.
 async fn call(
     node: &Node,
     key: Option<&str>,
@@ -21,22 +21,7 @@ async fn call(
     path: &str,
     body: Option<Value>,
 ) -> Result<(StatusCode, Value, reqwest::header::HeaderMap)> {
-    let mut req = reqwest::Client::new().request(method, node.url(path));
-    if let Some(key) = key {
-        req = req.bearer_auth(key);
-    }
-    if let Some(body) = body {
-        req = req.json(&body);
-    }
-    let res = req.send().await?;
-    let status = res.status();
-    let headers = res.headers().clone();
-    let text = res.text().await?;
-    Ok((
-        status,
-        serde_json::from_str(&text).unwrap_or(Value::String(text)),
-        headers,
-    ))
+    node.call(key, method, path, body).await
 }
 
 async fn status_of(
@@ -78,22 +63,6 @@ async fn start(root: &Path, name: &str, via: Option<&Node>, rate: u32) -> Result
         ..Launch::default()
     };
     Node::start_with(root, name, &args, &launch).await
-}
-
-/// Creates a key with the CLI on `node`; returns (id, key).
-fn create_key(node: &Node, role: &str) -> Result<(String, String)> {
-    let out = node.cli(&["apikey", "create", "--role", role, "--name", role])?;
-    let key = ok_stdout(&out)?
-        .lines()
-        .last()
-        .unwrap_or_default()
-        .to_string();
-    let id = key
-        .strip_prefix("amk_")
-        .and_then(|rest| rest.split_once('.'))
-        .map(|(id, _)| id.to_string())
-        .ok_or_else(|| anyhow!("`apikey create` printed no key: {key:?}"))?;
-    Ok((id, key))
 }
 
 /// The whole audit log, read through `node` with the admin key.
@@ -161,8 +130,8 @@ async fn keys_roles_revocation_rate_limits_and_the_audit_log() -> Result<()> {
     assert_eq!(s, StatusCode::OK);
 
     // Keys are made on a and accepted on b.
-    let (viewer_id, viewer) = create_key(a, "viewer")?;
-    let (operator_id, operator) = create_key(a, "operator")?;
+    let (viewer_id, viewer) = a.create_api_key("viewer")?;
+    let (operator_id, operator) = a.create_api_key("operator")?;
     wait_until(
         "b to accept the new keys",
         Duration::from_secs(10),
@@ -395,7 +364,7 @@ async fn the_keyless_loopback_api_refuses_web_pages() -> Result<()> {
         .await?;
     assert_eq!(page.status(), StatusCode::UNAUTHORIZED);
     // The same page with a key is an ordinary API client.
-    let (id, key) = create_key(&node, "viewer")?;
+    let (id, key) = node.create_api_key("viewer")?;
     let keyed = http
         .get(node.url("/v1/status"))
         .header("origin", "https://page.example")
