@@ -30,6 +30,41 @@ const KEY_HASH_TAG: &[u8] = b"agentmesh/api-key/v1\0";
 const ID_BYTES: usize = 6;
 const SECRET_BYTES: usize = 32;
 
+/// The cluster setting that makes admin changes need a replicated admin API key: with it on,
+/// no member's word is enough to create or revoke keys, remove members, issue join tokens or
+/// change `security.*` settings (see `cluster/forwarded.rs`). Off unless set to `true`.
+pub const ADMIN_REQUIRES_KEY: &str = "security.admin_requires_key";
+/// Settings under this prefix are admin changes.
+pub const SECURITY_PREFIX: &str = "security.";
+
+/// An API key as presented by a caller, passed to the leader with an admin change so that it
+/// can check the key itself. It travels only inside the encrypted connection to the leader and
+/// is never written to the log; `Debug` does not show it.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Credential(String);
+
+impl Credential {
+    /// Wraps a presented API key.
+    pub fn new(key: impl Into<String>) -> Self {
+        Self(key.into())
+    }
+
+    /// The key itself.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Credential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match api_key_id(&self.0) {
+            Some(id) => write!(f, "Credential(apikey:{id})"),
+            None => f.write_str("Credential(<malformed>)"),
+        }
+    }
+}
+
 /// What an API key may do. Each role includes the ones below it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -284,6 +319,17 @@ mod tests {
         assert_ne!(a.record.id, b.record.id);
         // The stored record never holds the key.
         assert!(!format!("{:?}", a.record).contains(a.key.split('.').nth(1).unwrap_or("")));
+    }
+
+    #[test]
+    fn credentials_do_not_show_their_secret() {
+        let a = generate_api_key("x", Role::Admin, "local", 1);
+        let shown = format!("{:?}", Credential::new(a.key.clone()));
+        assert_eq!(shown, format!("Credential(apikey:{})", a.record.id));
+        assert_eq!(
+            format!("{:?}", Credential::new("not a key")),
+            "Credential(<malformed>)"
+        );
     }
 
     #[test]

@@ -18,6 +18,7 @@ mod gate;
 
 pub use audit::MAX_AUDIT_READ;
 
+use crate::access::{Credential, ADMIN_REQUIRES_KEY};
 use crate::bootstrap::{self, BootstrapState, BootstrapStep, Decline, HelloReply};
 use crate::cluster_key::ClusterKey;
 use crate::config::{ClusterConfig, ConfigError};
@@ -822,14 +823,36 @@ impl Cluster {
         left || (self.inner.had_state && !self.is_member())
     }
 
-    /// Writes a key. `if_version`: compare-and-set (0 = create only).
+    /// Writes a key for `actor` (an audit actor), who presented `credential`. `if_version`: compare-and-set
+    /// (0 = create only). [`ADMIN_REQUIRES_KEY`] takes `true` or `false`, and is turned on only
+    /// with an API key (the leader checks it is an admin's), so that whoever turns it on has
+    /// the key it then takes.
     pub async fn kv_put(
         &self,
         key: &str,
         value: &serde_json::Value,
         if_version: Option<u64>,
+        actor: &str,
+        credential: Option<&Credential>,
     ) -> Result<u64, ClusterError> {
         validate_key(key)?;
+        if key == ADMIN_REQUIRES_KEY {
+            match value {
+                serde_json::Value::Bool(true) if credential.is_none() => {
+                    return Err(ClusterError::Invalid(format!(
+                        "turn {ADMIN_REQUIRES_KEY} on with an admin API key (create one with \
+                         `agentmesh apikey create --role admin`): from then on admin changes \
+                         need one"
+                    )))
+                }
+                serde_json::Value::Bool(_) => {}
+                _ => {
+                    return Err(ClusterError::Invalid(format!(
+                        "{ADMIN_REQUIRES_KEY} is true or false"
+                    )))
+                }
+            }
+        }
         let value = value.to_string();
         if value.len() > MAX_VALUE_LEN {
             return Err(ClusterError::Invalid(format!(
@@ -842,26 +865,27 @@ impl Cluster {
             value,
             if_version,
         };
-        match self.write(cmd).await? {
+        match self.write_setting(cmd, actor, credential).await? {
             CommandResult::Written { version } => Ok(version),
             other => Err(ClusterError::Raft(format!("unexpected result {other:?}"))),
         }
     }
 
-    /// Deletes a key; returns whether it existed.
+    /// Deletes a key for `actor` (an audit actor), who presented `credential`; returns
+    /// whether it existed.
     pub async fn kv_delete(
         &self,
         key: &str,
         if_version: Option<u64>,
+        actor: &str,
+        credential: Option<&Credential>,
     ) -> Result<bool, ClusterError> {
         validate_key(key)?;
-        match self
-            .write(Command::KvDelete {
-                key: key.to_string(),
-                if_version,
-            })
-            .await?
-        {
+        let cmd = Command::KvDelete {
+            key: key.to_string(),
+            if_version,
+        };
+        match self.write_setting(cmd, actor, credential).await? {
             CommandResult::Deleted { existed } => Ok(existed),
             other => Err(ClusterError::Raft(format!("unexpected result {other:?}"))),
         }
@@ -891,6 +915,26 @@ impl Cluster {
             ClientReply::KvList(entries) => Ok(entries),
             other => Err(ClusterError::Raft(format!("unexpected reply {other:?}"))),
         }
+    }
+
+    /// Writes a kv change for `actor`; one to a `security.*` setting is an admin change, so
+    /// it is audited.
+    async fn write_setting(
+        &self,
+        cmd: Command,
+        actor: &str,
+        credential: Option<&Credential>,
+    ) -> Result<CommandResult, ClusterError> {
+        if !cmd.is_admin_change() {
+            return self.write(cmd).await;
+        }
+        let (action, key, detail) = match &cmd {
+            Command::KvPut { key, value, .. } => ("setting.put", key.as_str(), value.as_str()),
+            Command::KvDelete { key, .. } => ("setting.delete", key.as_str(), ""),
+            _ => ("setting", "", ""),
+        };
+        let entry = self.audit_entry(actor, action, key, detail);
+        self.write_audited_as(entry, cmd, credential).await
     }
 
     /// Renames this node everywhere; `actor` asked for it (an audit actor).
@@ -949,12 +993,14 @@ impl Cluster {
         Ok(())
     }
 
-    /// Issues a single-use join token valid for `ttl` to `actor` (an audit actor). Returns the
-    /// token and its expiry once the issue is in the audit log.
+    /// Issues a single-use join token valid for `ttl` to `actor` (an audit actor), who
+    /// presented `credential`. Returns the token and its expiry once it is registered in the
+    /// cluster and in the audit log.
     pub async fn issue_token(
         &self,
         ttl: Duration,
         actor: &str,
+        credential: Option<&Credential>,
     ) -> Result<(String, u64), ClusterError> {
         if ttl.is_zero() || ttl.as_secs() > MAX_TOKEN_TTL_SECS {
             return Err(ClusterError::Invalid(format!(
@@ -973,7 +1019,8 @@ impl Cluster {
                 _ => return Err(ClusterError::NotMember),
             }
         };
-        let expires_at = unix_now() + ttl.as_secs();
+        let now = unix_now();
+        let expires_at = now + ttl.as_secs();
         let body = TokenBody {
             cluster_id,
             issuer: self.inner.id,
@@ -986,12 +1033,19 @@ impl Cluster {
             &token_label(&body.nonce),
             &format!("expires_at {expires_at}"),
         );
+        let register = Command::IssueToken {
+            nonce: body.nonce.clone(),
+            issuer: body.issuer,
+            expires_at,
+            issued_at: now,
+        };
         let token = JoinToken::issue(&self.inner.identity.signing_key, body);
-        self.audit(vec![entry]).await?;
+        self.write_audited_as(entry, register, credential).await?;
         Ok((token, expires_at))
     }
 
-    /// Removes a member, named by peer id, node id or name; `actor` is the audit actor. The
+    /// Removes a member, named by peer id, node id or name; `actor` is the audit actor, who
+    /// presented `credential`. The
     /// other members stop serving it as soon as they apply the removal, the leader takes it
     /// out of the Raft membership, and it needs a new join token to come back. Returns the
     /// removed member once this node has applied the removal.
@@ -999,6 +1053,7 @@ impl Cluster {
         &self,
         who: &str,
         actor: &str,
+        credential: Option<&Credential>,
     ) -> Result<MemberRecord, ClusterError> {
         let member = self.read(|s| {
             let mut found = s
@@ -1029,7 +1084,7 @@ impl Cluster {
         let cmd = Command::Remove {
             node_id: member.node_id,
         };
-        self.write_audited(entry, cmd).await?;
+        self.write_audited_as(entry, cmd, credential).await?;
         let id = member.node_id;
         let applied = self
             .wait_applied_here(CLIENT_TIMEOUT, |s| {
@@ -1209,6 +1264,12 @@ impl Cluster {
         self.write(Command::Job(cmd)).await.map(|_| ())
     }
 
+    /// Whether admin changes need a replicated admin API key ([`ADMIN_REQUIRES_KEY`]), as
+    /// this node has applied it.
+    pub fn admin_requires_key(&self) -> bool {
+        self.read(ClusterState::admin_requires_key).unwrap_or(false)
+    }
+
     /// Reads this node's applied state (not linearizable: a follower may lag the leader by the
     /// entries it has not applied yet).
     pub fn read<R>(&self, f: impl FnOnce(&ClusterState) -> R) -> Result<R, ClusterError> {
@@ -1303,7 +1364,24 @@ impl Cluster {
     }
 
     async fn write(&self, cmd: Command) -> Result<CommandResult, ClusterError> {
-        match self.inner.execute(ClientOp::Write(cmd)).await? {
+        self.write_as(cmd, None).await
+    }
+
+    /// Writes `cmd` for a caller that presented `credential` (see `cluster/forwarded.rs`).
+    async fn write_as(
+        &self,
+        cmd: Command,
+        credential: Option<&Credential>,
+    ) -> Result<CommandResult, ClusterError> {
+        // The key goes to the leader only for a change that needs it.
+        let op = match credential {
+            Some(c) if cmd.is_admin_change() => ClientOp::WriteAs {
+                cmd,
+                credential: Some(c.clone()),
+            },
+            _ => ClientOp::Write(cmd),
+        };
+        match self.inner.execute(op).await? {
             ClientReply::Applied(CommandResult::Rejected(r)) => Err(r.into()),
             ClientReply::Applied(result) => Ok(result),
             other => Err(ClusterError::Raft(format!("unexpected reply {other:?}"))),
@@ -1454,18 +1532,41 @@ impl Inner {
         }
     }
 
+    /// On the leader: proposes `cmd` once `credential` is found to allow it.
+    async fn propose_write(
+        &self,
+        cmd: Command,
+        credential: Option<&Credential>,
+    ) -> Result<ClientReply, ClusterError> {
+        if cmd.is_admin_change() {
+            // Decided on a state holding everything committed before it, so a key revoked
+            // or a setting changed a moment ago counts.
+            self.raft
+                .ensure_linearizable()
+                .await
+                .map_err(map_read_err)?;
+            let applied = self.state.read().map_err(|_| poisoned())?;
+            if let Err(why) = forwarded::authorize(&applied.state, &cmd, credential) {
+                tracing::warn!(%why, ?credential, "refusing an admin change");
+                return Err(ClusterError::Refused(why));
+            }
+        }
+        let (reply, result) = oneshot::channel();
+        self.proposals
+            .send(Proposal { cmd, reply })
+            .await
+            .map_err(|_| ClusterError::Raft("the proposer has stopped".into()))?;
+        let result = result
+            .await
+            .map_err(|_| ClusterError::Raft("the proposer has stopped".into()))??;
+        Ok(ClientReply::Applied(result))
+    }
+
     async fn execute_local(&self, op: ClientOp) -> Result<ClientReply, ClusterError> {
         match op {
-            ClientOp::Write(cmd) => {
-                let (reply, result) = oneshot::channel();
-                self.proposals
-                    .send(Proposal { cmd, reply })
-                    .await
-                    .map_err(|_| ClusterError::Raft("the proposer has stopped".into()))?;
-                let result = result
-                    .await
-                    .map_err(|_| ClusterError::Raft("the proposer has stopped".into()))??;
-                Ok(ClientReply::Applied(result))
+            ClientOp::Write(cmd) => self.propose_write(cmd, None).await,
+            ClientOp::WriteAs { cmd, credential } => {
+                self.propose_write(cmd, credential.as_ref()).await
             }
             ClientOp::KvGet(key) => {
                 self.raft
@@ -1651,6 +1752,7 @@ impl Inner {
             token_use: crate::types::TokenUse {
                 nonce: parsed.body.nonce.clone(),
                 expires_at: parsed.body.expires_at,
+                issuer: Some(parsed.body.issuer),
             },
             issuer: parsed.body.issuer,
             label: token_label(&parsed.body.nonce),
@@ -1751,7 +1853,7 @@ impl Inner {
                     let e = ClusterError::NoLeader("not the leader".into());
                     return RpcResponse::Client(Err(e.to_remote()));
                 }
-                if let ClientOp::Write(cmd) = &op {
+                if let ClientOp::Write(cmd) | ClientOp::WriteAs { cmd, .. } = &op {
                     if let Err(why) = forwarded::check(caller_id, caller, cmd) {
                         tracing::warn!(%caller, %why, "refusing a forwarded write");
                         let e = ClusterError::Invalid(format!("refused from {caller}: {why}"));

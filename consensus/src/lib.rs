@@ -25,8 +25,9 @@ mod types;
 
 pub use access::{
     api_key_id, generate_api_key, hash_api_key, key_matches, ApiKeyCommand, ApiKeyRecord,
-    AuditEntry, NewApiKey, Role, API_KEY_PREFIX, MAX_API_KEYS, MAX_API_KEY_LEN, MAX_AUDIT_BATCH,
-    MAX_AUDIT_ENTRIES, MAX_AUDIT_FIELD, MAX_AUDIT_REFUSALS,
+    AuditEntry, Credential, NewApiKey, Role, ADMIN_REQUIRES_KEY, API_KEY_PREFIX, MAX_API_KEYS,
+    MAX_API_KEY_LEN, MAX_AUDIT_BATCH, MAX_AUDIT_ENTRIES, MAX_AUDIT_FIELD, MAX_AUDIT_REFUSALS,
+    SECURITY_PREFIX,
 };
 pub use bootstrap::{BootstrapStep, MAX_BOOTSTRAP_EXPECT};
 pub use cluster::{
@@ -42,11 +43,12 @@ pub use jobs::{
 };
 pub use network::{CallFuture, Transport, TransportError};
 pub use rpc::{
-    client_error, fuzz_decode_request, hostile_forwarded_leave, hostile_vote_request,
-    refusal_reason, MAX_RPC_SIZE,
+    client_error, fuzz_decode_request, hostile_forwarded_admin_key, hostile_forwarded_leave,
+    hostile_vote_request, refusal_reason, MAX_RPC_SIZE,
 };
 pub use state::{
-    ClusterState, KvEntry, MAX_KEY_LEN, MAX_KV_BYTES, MAX_MEMBERS, MAX_NAME_LEN, MAX_VALUE_LEN,
+    ClusterState, KvEntry, MAX_ISSUED_TOKENS, MAX_KEY_LEN, MAX_KV_BYTES, MAX_MEMBERS, MAX_NAME_LEN,
+    MAX_VALUE_LEN,
 };
 pub use store::{flush_tree, Storage, MAX_SNAPSHOT_SIZE};
 pub use token::{

@@ -79,6 +79,12 @@ pub(crate) enum RpcResponse {
 #[serde(rename_all = "snake_case")]
 pub(crate) enum ClientOp {
     Write(Command),
+    /// A write with the API key its caller presented, for the leader to check an admin change
+    /// against (see `cluster/forwarded.rs`). The key is not part of what is committed.
+    WriteAs {
+        cmd: Command,
+        credential: Option<crate::access::Credential>,
+    },
     KvGet(String),
     KvList(String),
     /// Audit entries after sequence number `after`, at or after `since_ms`, at most `limit`.
@@ -163,6 +169,36 @@ pub fn hostile_forwarded_leave(target: NodeId) -> Vec<u8> {
     encode(&RpcRequest::Forward(ClientOp::Write(
         crate::types::Command::Leave { node_id: target },
     )))
+}
+
+/// For tests that play a compromised member: a forwarded, audited write creating an admin API
+/// key whose hash is `hash`, in the name of `actor`, through `via` (the member's peer id),
+/// with `credential` (an API key) or none.
+#[doc(hidden)]
+pub fn hostile_forwarded_admin_key(
+    hash: [u8; 32],
+    actor: &str,
+    via: &str,
+    credential: Option<&str>,
+) -> Vec<u8> {
+    use crate::access::{ApiKeyCommand, ApiKeyRecord, AuditEntry, Credential, Role};
+    let id = "0123456789ab";
+    let cmd = Command::Audited {
+        entry: AuditEntry::new(1, actor, via, "apikey.create", id, "admin"),
+        cmd: Box::new(Command::ApiKey(ApiKeyCommand::Create(ApiKeyRecord {
+            id: id.into(),
+            name: "mine".into(),
+            role: Role::Admin,
+            hash: hash.to_vec(),
+            created_at_ms: 1,
+            created_by: actor.into(),
+            revoked_at_ms: None,
+        }))),
+    };
+    encode(&RpcRequest::Forward(ClientOp::WriteAs {
+        cmd,
+        credential: credential.map(Credential::new),
+    }))
 }
 
 /// For tests: the error message, if `bytes` is a client reply that failed.

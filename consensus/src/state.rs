@@ -7,8 +7,8 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::access::{
-    ApiKeyCommand, ApiKeyRecord, AuditEntry, MAX_API_KEYS, MAX_AUDIT_BATCH, MAX_AUDIT_ENTRIES,
-    MAX_AUDIT_REFUSALS,
+    ApiKeyCommand, ApiKeyRecord, AuditEntry, Role, ADMIN_REQUIRES_KEY, MAX_API_KEYS,
+    MAX_AUDIT_BATCH, MAX_AUDIT_ENTRIES, MAX_AUDIT_REFUSALS,
 };
 use crate::jobs::{JobRecord, TrainerInfo};
 use crate::types::{
@@ -25,6 +25,8 @@ pub const MAX_KV_BYTES: usize = 64 * 1024 * 1024;
 pub const MAX_MEMBERS: usize = 1024;
 /// Longest member name, in bytes.
 pub const MAX_NAME_LEN: usize = 128;
+/// Most registered join tokens not yet used or expired.
+pub const MAX_ISSUED_TOKENS: usize = 4096;
 
 /// A stored value and its version (the cluster revision of the write that produced it).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -44,6 +46,20 @@ pub struct UsedToken {
     pub node_id: NodeId,
 }
 
+/// A join token registered when an admin issued it, kept until it is used or expires.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IssuedToken {
+    /// When the token expires (unix seconds).
+    pub expires_at: u64,
+    /// The member that signed it.
+    pub issuer: NodeId,
+}
+
+/// Whether a stored setting's JSON text means on.
+pub(crate) fn setting_on(value: &str) -> bool {
+    value.trim() == "true"
+}
+
 /// Something `apply` changed, so the store can persist exactly that.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub(crate) enum Touched {
@@ -52,6 +68,7 @@ pub(crate) enum Touched {
     Member(NodeId),
     Kv(String),
     Token(Vec<u8>),
+    Issued(Vec<u8>),
     Job(String),
     Trainer(NodeId),
     ApiKey(String),
@@ -75,6 +92,9 @@ pub struct ClusterState {
     /// Consumed join-token nonces.
     #[serde(with = "token_map")]
     pub used_tokens: BTreeMap<Vec<u8>, UsedToken>,
+    /// Registered join tokens ([`Command::IssueToken`]) not yet used or expired.
+    #[serde(default, with = "token_map")]
+    pub issued_tokens: BTreeMap<Vec<u8>, IssuedToken>,
     /// Training jobs by id.
     #[serde(default)]
     pub jobs: BTreeMap<String, JobRecord>,
@@ -102,8 +122,65 @@ impl ClusterState {
         self.audit_refusals = self.audit.values().filter(|e| e.is_refusal()).count();
     }
 
+    /// Whether admin changes need a replicated admin API key ([`ADMIN_REQUIRES_KEY`]).
+    pub fn admin_requires_key(&self) -> bool {
+        self.kv
+            .get(ADMIN_REQUIRES_KEY)
+            .is_some_and(|e| setting_on(&e.value))
+    }
+
+    /// Whether `actor` names an unrevoked admin API key.
+    fn is_admin_key(&self, actor: &str) -> bool {
+        actor
+            .strip_prefix("apikey:")
+            .and_then(|id| self.api_keys.get(id))
+            .is_some_and(|k| k.role == Role::Admin && k.revoked_at_ms.is_none())
+    }
+
+    /// The rules for an admin change recorded by `actor` (`None`: not audited), decided
+    /// here as well as by the leader, so that nothing committed between the leader's check
+    /// and this entry (a revocation, the setting turned on) lets it through. With
+    /// [`ADMIN_REQUIRES_KEY`] on, or to turn it on, the change must be audited in the name of
+    /// an unrevoked admin key (the leader checked the caller holds it), and the last admin
+    /// key stays.
+    fn admin_rule(&self, cmd: &Command, actor: Option<&str>) -> Result<(), Rejection> {
+        if !cmd.is_admin_change() || !(self.admin_requires_key() || cmd.turns_on_admin_keys()) {
+            return Ok(());
+        }
+        if !actor.is_some_and(|a| self.is_admin_key(a)) {
+            return Err(Rejection::NotAdmin(format!(
+                "{ADMIN_REQUIRES_KEY} is on (or being turned on): this change must be made \
+                 with an admin API key"
+            )));
+        }
+        if let Command::ApiKey(ApiKeyCommand::Revoke { id, .. }) = cmd {
+            let others = self
+                .api_keys
+                .values()
+                .any(|k| k.id != *id && k.role == Role::Admin && k.revoked_at_ms.is_none());
+            if !others {
+                return Err(Rejection::NotAdmin(format!(
+                    "key {id} is the last admin API key: revoking it would leave no one able \
+                     to make admin changes; create another or turn {ADMIN_REQUIRES_KEY} off \
+                     first"
+                )));
+            }
+        }
+        Ok(())
+    }
+
     /// Applies `cmd`, recording what changed in `touched`.
     pub(crate) fn apply(&mut self, cmd: &Command, touched: &mut Vec<Touched>) -> CommandResult {
+        // Audited admin changes are checked with their actor, in `apply_one`.
+        if !matches!(cmd, Command::Audited { .. } | Command::Batch(_)) {
+            if let Err(r) = self.admin_rule(cmd, None) {
+                return CommandResult::Rejected(r);
+            }
+        }
+        self.apply_one(cmd, touched)
+    }
+
+    fn apply_one(&mut self, cmd: &Command, touched: &mut Vec<Touched>) -> CommandResult {
         match cmd {
             Command::Batch(cmds) => CommandResult::Batch(
                 cmds.iter()
@@ -170,6 +247,12 @@ impl ClusterState {
                 if let Err(r) = self.check_version(key, *if_version) {
                     return CommandResult::Rejected(r);
                 }
+                if key == ADMIN_REQUIRES_KEY && setting_on(value) && !self.admin_requires_key() {
+                    // Tokens registered until now were registered on a member's word.
+                    let nonces: Vec<Vec<u8>> = self.issued_tokens.keys().cloned().collect();
+                    self.issued_tokens.clear();
+                    touched.extend(nonces.into_iter().map(Touched::Issued));
+                }
                 let current = self.kv.get(key);
                 let old = current.map_or(0, |e| key.len() + e.value.len());
                 let new_total = self.kv_bytes - old + key.len() + value.len();
@@ -193,6 +276,18 @@ impl ClusterState {
                 CommandResult::Written { version }
             }
             Command::Job(job) => self.apply_job(job, touched),
+            Command::IssueToken {
+                nonce,
+                issuer,
+                expires_at,
+                issued_at,
+            } => {
+                let token = IssuedToken {
+                    expires_at: *expires_at,
+                    issuer: *issuer,
+                };
+                self.register_token(nonce, token, *issued_at, touched)
+            }
             Command::ApiKey(cmd) => self.apply_api_key(cmd, touched),
             Command::Audited { entry, cmd } => {
                 let result = match cmd.as_ref() {
@@ -201,7 +296,10 @@ impl ClusterState {
                             "an audited command must be a single change".into(),
                         ))
                     }
-                    c => self.apply(c, touched),
+                    c => match self.admin_rule(c, Some(&entry.actor)) {
+                        Ok(()) => self.apply_one(c, touched),
+                        Err(r) => CommandResult::Rejected(r),
+                    },
                 };
                 let outcome = match &result {
                     CommandResult::Rejected(r) => format!("refused: {r}"),
@@ -268,6 +366,48 @@ impl ClusterState {
                 }
                 None => CommandResult::Rejected(Rejection::NoSuchApiKey(id.clone())),
             },
+        }
+    }
+
+    /// Registers an issued join token, forgetting those expired at `now`.
+    fn register_token(
+        &mut self,
+        nonce: &[u8],
+        token: IssuedToken,
+        now: u64,
+        touched: &mut Vec<Touched>,
+    ) -> CommandResult {
+        self.forget_expired_tokens(now, touched);
+        if nonce.is_empty() || nonce.len() > 64 {
+            return CommandResult::Rejected(Rejection::Malformed(
+                "a token nonce is 1 to 64 bytes".into(),
+            ));
+        }
+        if self.issued_tokens.len() >= MAX_ISSUED_TOKENS {
+            return CommandResult::Rejected(Rejection::QuotaExceeded {
+                what: format!("{MAX_ISSUED_TOKENS} unused join tokens"),
+            });
+        }
+        if self.issued_tokens.contains_key(nonce) || self.used_tokens.contains_key(nonce) {
+            return CommandResult::Rejected(Rejection::Malformed(
+                "this token nonce is registered already".into(),
+            ));
+        }
+        self.issued_tokens.insert(nonce.to_vec(), token);
+        touched.push(Touched::Issued(nonce.to_vec()));
+        CommandResult::Done
+    }
+
+    /// Forgets used and registered tokens expired at `now`: they can never be presented
+    /// again.
+    fn forget_expired_tokens(&mut self, now: u64, touched: &mut Vec<Touched>) {
+        for nonce in expired(&self.used_tokens, now, |u| u.expires_at) {
+            self.used_tokens.remove(&nonce);
+            touched.push(Touched::Token(nonce));
+        }
+        for nonce in expired(&self.issued_tokens, now, |t| t.expires_at) {
+            self.issued_tokens.remove(&nonce);
+            touched.push(Touched::Issued(nonce));
         }
     }
 
@@ -440,6 +580,18 @@ impl ClusterState {
                             what: format!("{MAX_MEMBERS} members"),
                         });
                     }
+                    // With admin changes behind API keys, a member's signature on a token is
+                    // not enough: an admin must have registered it, signed by that member
+                    // (a member knows every registered nonce; it cannot sign as another).
+                    let registered = self.issued_tokens.get(&t.nonce).is_some_and(|r| {
+                        Some(r.issuer) == t.issuer && r.expires_at == t.expires_at
+                    });
+                    if self.admin_requires_key() && !registered {
+                        return CommandResult::Rejected(Rejection::TokenNotRegistered);
+                    }
+                    if self.issued_tokens.remove(&t.nonce).is_some() {
+                        touched.push(Touched::Issued(t.nonce.clone()));
+                    }
                     self.used_tokens.insert(
                         t.nonce.clone(),
                         UsedToken {
@@ -451,17 +603,7 @@ impl ClusterState {
                 }
             }
         }
-        // Expired tokens can never be presented again: forget them.
-        let expired: Vec<Vec<u8>> = self
-            .used_tokens
-            .iter()
-            .filter(|(_, u)| u.expires_at <= now)
-            .map(|(n, _)| n.clone())
-            .collect();
-        for nonce in expired {
-            self.used_tokens.remove(&nonce);
-            touched.push(Touched::Token(nonce));
-        }
+        self.forget_expired_tokens(now, touched);
         let mut record = member.clone();
         record.state = MemberState::Active;
         // Sealing keys come only from the member itself, signed ([`Command::SetSealKey`]):
@@ -487,25 +629,36 @@ impl ClusterState {
 }
 
 /// CBOR maps keyed by byte strings: serialize the map as a list of pairs.
+/// The nonces in `map` whose token expired at `now`.
+fn expired<T>(
+    map: &BTreeMap<Vec<u8>, T>,
+    now: u64,
+    expires_at: impl Fn(&T) -> u64,
+) -> Vec<Vec<u8>> {
+    map.iter()
+        .filter(|(_, t)| expires_at(t) <= now)
+        .map(|(n, _)| n.clone())
+        .collect()
+}
+
 mod token_map {
     use std::collections::BTreeMap;
 
     use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-    use super::UsedToken;
-
+    /// One entry; `used` is the field name the first version of the snapshot format had.
     #[derive(Serialize, Deserialize)]
-    struct Pair {
+    struct Pair<T> {
         #[serde(with = "serde_bytes")]
         nonce: Vec<u8>,
-        used: UsedToken,
+        used: T,
     }
 
-    pub(super) fn serialize<S: Serializer>(
-        map: &BTreeMap<Vec<u8>, UsedToken>,
+    pub(super) fn serialize<S: Serializer, T: Serialize + Clone>(
+        map: &BTreeMap<Vec<u8>, T>,
         s: S,
     ) -> Result<S::Ok, S::Error> {
-        let pairs: Vec<Pair> = map
+        let pairs: Vec<Pair<T>> = map
             .iter()
             .map(|(n, u)| Pair {
                 nonce: n.clone(),
@@ -515,10 +668,10 @@ mod token_map {
         pairs.serialize(s)
     }
 
-    pub(super) fn deserialize<'de, D: Deserializer<'de>>(
+    pub(super) fn deserialize<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
         d: D,
-    ) -> Result<BTreeMap<Vec<u8>, UsedToken>, D::Error> {
-        let pairs = Vec::<Pair>::deserialize(d)?;
+    ) -> Result<BTreeMap<Vec<u8>, T>, D::Error> {
+        let pairs = Vec::<Pair<T>>::deserialize(d)?;
         Ok(pairs.into_iter().map(|p| (p.nonce, p.used)).collect())
     }
 }
@@ -826,6 +979,7 @@ mod tests {
         let token = TokenUse {
             nonce: vec![7; 16],
             expires_at: 100,
+            issuer: None,
         };
         let join = |id, peer: &str, now| Command::Join {
             member: member(id, peer),
@@ -845,6 +999,7 @@ mod tests {
             token: Some(TokenUse {
                 nonce: vec![8; 16],
                 expires_at: 100,
+                issuer: None,
             }),
             now: 100,
             by_key: false,
@@ -854,6 +1009,137 @@ mod tests {
             CommandResult::Rejected(Rejection::TokenExpired)
         );
         assert_eq!(s.active_members().count(), 2);
+    }
+
+    #[test]
+    fn with_admin_keys_required_only_an_admin_key_changes_things_and_registers_tokens() {
+        let mut s = ClusterState::default();
+        apply(
+            &mut s,
+            1,
+            Command::Found {
+                cluster_id: "c".into(),
+                members: vec![member(1, "p1")],
+                cluster_key: None,
+            },
+        );
+        let key = |id: &str, role| {
+            let mut k = crate::access::generate_api_key(id, role, "local", 1).record;
+            k.id = id.into();
+            Command::ApiKey(ApiKeyCommand::Create(k))
+        };
+        let by = |actor: &str, cmd: Command| Command::Audited {
+            entry: AuditEntry::new(7, actor, "node", "x", "t", ""),
+            cmd: Box::new(cmd),
+        };
+        let join = |id, peer: &str, nonce: u8, issuer, now| Command::Join {
+            member: member(id, peer),
+            token: Some(TokenUse {
+                nonce: vec![nonce; 16],
+                expires_at: 100,
+                issuer: Some(issuer),
+            }),
+            now,
+            by_key: false,
+        };
+        let register = |nonce: u8, issued_at| Command::IssueToken {
+            nonce: vec![nonce; 16],
+            issuer: 1,
+            expires_at: 100,
+            issued_at,
+        };
+        let setting = |on: bool| Command::KvPut {
+            key: ADMIN_REQUIRES_KEY.into(),
+            value: on.to_string(),
+            if_version: None,
+        };
+        let refused = |r: CommandResult| matches!(r, CommandResult::Rejected(_));
+        // Off: a member's signature is enough, registered or not.
+        assert_eq!(
+            apply(&mut s, 2, join(2, "p2", 1, 1, 10)),
+            CommandResult::Done
+        );
+        assert_eq!(
+            apply(&mut s, 3, by("local", register(9, 10))),
+            CommandResult::Done
+        );
+        // Turning it on takes an admin key, which must exist.
+        assert!(refused(apply(&mut s, 4, setting(true))));
+        assert!(refused(apply(&mut s, 5, by("apikey:a1", setting(true)))));
+        apply(&mut s, 6, by("local", key("a1", Role::Admin)));
+        apply(&mut s, 7, by("local", key("o1", Role::Operator)));
+        assert!(refused(apply(&mut s, 8, by("apikey:o1", setting(true)))));
+        assert!(!s.admin_requires_key());
+        assert!(!refused(apply(&mut s, 9, by("apikey:a1", setting(true)))));
+        assert!(s.admin_requires_key());
+        // Tokens registered on a member's word before are void.
+        assert!(s.issued_tokens.is_empty());
+        // On: no member's word, bare or audited, makes an admin change.
+        assert!(refused(apply(&mut s, 10, register(2, 10))));
+        assert!(refused(apply(&mut s, 11, by("local", register(2, 10)))));
+        assert!(refused(apply(
+            &mut s,
+            12,
+            by("apikey:o1", key("x", Role::Admin))
+        )));
+        assert!(refused(apply(&mut s, 13, by("local", setting(false)))));
+        // An unregistered token does not admit; a registered one only as signed by its issuer.
+        assert_eq!(
+            apply(&mut s, 14, join(3, "p3", 2, 1, 10)),
+            CommandResult::Rejected(Rejection::TokenNotRegistered)
+        );
+        let r = apply(&mut s, 15, by("apikey:a1", register(2, 10)));
+        assert!(!refused(r));
+        assert_eq!(
+            apply(&mut s, 16, join(3, "p3", 2, 2, 10)),
+            CommandResult::Rejected(Rejection::TokenNotRegistered)
+        );
+        assert_eq!(
+            apply(&mut s, 17, join(3, "p3", 2, 1, 11)),
+            CommandResult::Done
+        );
+        // Used: gone from the registered set, and not usable again by another node.
+        assert!(s.issued_tokens.is_empty());
+        assert_eq!(
+            apply(&mut s, 18, join(4, "p4", 2, 1, 12)),
+            CommandResult::Rejected(Rejection::TokenUsed)
+        );
+        // Registered tokens that expired are forgotten at the next registration.
+        assert!(!refused(apply(
+            &mut s,
+            19,
+            by("apikey:a1", register(3, 20))
+        )));
+        assert!(!refused(apply(
+            &mut s,
+            20,
+            by("apikey:a1", register(4, 100))
+        )));
+        assert_eq!(s.issued_tokens.len(), 1);
+        // The last admin key stays; once another exists it may go, and then it counts for
+        // nothing (a change checked before the revocation fails when it applies).
+        let revoke = |id: &str| {
+            Command::ApiKey(ApiKeyCommand::Revoke {
+                id: id.into(),
+                at_ms: 5,
+            })
+        };
+        assert!(refused(apply(&mut s, 21, by("apikey:a1", revoke("a1")))));
+        assert!(!refused(apply(
+            &mut s,
+            22,
+            by("apikey:a1", key("a2", Role::Admin))
+        )));
+        assert!(!refused(apply(&mut s, 23, by("apikey:a2", revoke("a1")))));
+        assert!(refused(apply(&mut s, 24, by("apikey:a1", setting(false)))));
+        assert!(refused(apply(&mut s, 25, by("apikey:a2", revoke("a2")))));
+        assert!(!refused(apply(&mut s, 26, by("apikey:a2", setting(false)))));
+        assert!(!s.admin_requires_key());
+        // And the registry survives a snapshot round trip.
+        let mut bytes = Vec::new();
+        ciborium::into_writer(&s, &mut bytes).expect("encode");
+        let back: ClusterState = ciborium::from_reader(bytes.as_slice()).expect("decode");
+        assert_eq!(back.issued_tokens, s.issued_tokens);
     }
 
     #[test]
@@ -876,6 +1162,7 @@ mod tests {
                 token: Some(TokenUse {
                     nonce: vec![1],
                     expires_at: 9,
+                    issuer: None,
                 }),
                 now: 0,
                 by_key: false,
@@ -928,6 +1215,7 @@ mod tests {
         let first = TokenUse {
             nonce: vec![1; 16],
             expires_at: 100,
+            issuer: None,
         };
         let join = |token: Option<TokenUse>, by_key| Command::Join {
             member: member(2, "p2"),
@@ -960,6 +1248,7 @@ mod tests {
         let fresh = TokenUse {
             nonce: vec![2; 16],
             expires_at: 100,
+            issuer: None,
         };
         assert_eq!(
             apply(&mut s, 9, join(Some(fresh), false)),

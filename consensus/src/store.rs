@@ -34,7 +34,7 @@ use serde::Serialize;
 use crate::access::{ApiKeyRecord, AuditEntry};
 use crate::bootstrap::BootstrapState;
 use crate::jobs::{JobRecord, TrainerInfo};
-use crate::state::{ClusterState, KvEntry, Touched, UsedToken};
+use crate::state::{ClusterState, IssuedToken, KvEntry, Touched, UsedToken};
 use crate::types::{CommandResult, MemberRecord, NodeId, RaftNode, TypeConfig};
 
 /// Largest snapshot we accept from a leader (the state is bounded by the kv quota).
@@ -395,6 +395,12 @@ fn audit_key(seq: u64) -> Vec<u8> {
     k
 }
 
+fn issued_key(nonce: &[u8]) -> Vec<u8> {
+    let mut k = b"i".to_vec();
+    k.extend_from_slice(nonce);
+    k
+}
+
 fn token_key(nonce: &[u8]) -> Vec<u8> {
     let mut k = b"t".to_vec();
     k.extend_from_slice(nonce);
@@ -426,6 +432,10 @@ impl StateMachineStore {
                 [b't', rest @ ..] => {
                     let u: UsedToken = decode(&value).map_err(read_err)?;
                     applied.state.used_tokens.insert(rest.to_vec(), u);
+                }
+                [b'i', rest @ ..] => {
+                    let t: IssuedToken = decode(&value).map_err(read_err)?;
+                    applied.state.issued_tokens.insert(rest.to_vec(), t);
                 }
                 [b'j', ..] => {
                     let j: JobRecord = decode(&value).map_err(read_err)?;
@@ -493,6 +503,10 @@ impl StateMachineStore {
                 Touched::Token(nonce) => match applied.state.used_tokens.get(&nonce) {
                     Some(u) => batch.insert(token_key(&nonce), encode(u)),
                     None => batch.remove(token_key(&nonce)),
+                },
+                Touched::Issued(nonce) => match applied.state.issued_tokens.get(&nonce) {
+                    Some(t) => batch.insert(issued_key(&nonce), encode(t)),
+                    None => batch.remove(issued_key(&nonce)),
                 },
                 Touched::Job(id) => match applied.state.jobs.get(&id) {
                     Some(j) => batch.insert(job_key(&id), encode(j)),
@@ -632,6 +646,12 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                 .used_tokens
                 .keys()
                 .map(|n| Touched::Token(n.clone())),
+        );
+        touched.extend(
+            new.state
+                .issued_tokens
+                .keys()
+                .map(|n| Touched::Issued(n.clone())),
         );
         touched.extend(new.state.jobs.keys().map(|id| Touched::Job(id.clone())));
         touched.extend(new.state.trainers.keys().map(|id| Touched::Trainer(*id)));

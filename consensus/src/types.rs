@@ -194,6 +194,9 @@ pub struct TokenUse {
     pub nonce: Vec<u8>,
     /// Unix seconds after which the token is refused.
     pub expires_at: u64,
+    /// The member that signed it (checked by the leader); a registered token must match.
+    #[serde(default)]
+    pub issuer: Option<NodeId>,
 }
 
 /// A command replicated through Raft and applied, in log order, on every member.
@@ -279,6 +282,20 @@ pub enum Command {
     },
     /// Creates or revokes an API key.
     ApiKey(crate::access::ApiKeyCommand),
+    /// Registers a join token an admin issued, so that a cluster whose admin changes need an
+    /// API key ([`crate::access::ADMIN_REQUIRES_KEY`]) admits only with registered tokens.
+    IssueToken {
+        /// The token's nonce.
+        #[serde(with = "serde_bytes")]
+        nonce: Vec<u8>,
+        /// The member that signed it.
+        issuer: NodeId,
+        /// When it expires (unix seconds).
+        expires_at: u64,
+        /// The issuer's clock when it issued it (unix seconds): registered tokens that expired
+        /// by then are forgotten.
+        issued_at: u64,
+    },
     /// Applies `cmd` and records `entry` in the audit log with the outcome.
     Audited {
         /// Who, when, what; the outcome is filled in when applied.
@@ -289,6 +306,35 @@ pub enum Command {
     /// Records things that happened outside the state machine (a token issued, requests
     /// refused) in the audit log; at most [`crate::access::MAX_AUDIT_BATCH`] entries.
     Audit(Vec<crate::access::AuditEntry>),
+}
+
+impl Command {
+    /// Whether this is an admin change: API keys, removals, join tokens and `security.*`
+    /// settings. With [`crate::access::ADMIN_REQUIRES_KEY`] on, only an admin API key makes
+    /// one (see `cluster/forwarded.rs` and `state.rs`).
+    pub fn is_admin_change(&self) -> bool {
+        match self {
+            Command::Remove { .. } | Command::ApiKey(_) | Command::IssueToken { .. } => true,
+            Command::KvPut { key, .. } | Command::KvDelete { key, .. } => {
+                key.starts_with(crate::access::SECURITY_PREFIX)
+            }
+            Command::Batch(cmds) => cmds.iter().any(Command::is_admin_change),
+            Command::Audited { cmd, .. } => cmd.is_admin_change(),
+            _ => false,
+        }
+    }
+
+    /// Whether this turns [`crate::access::ADMIN_REQUIRES_KEY`] on.
+    pub fn turns_on_admin_keys(&self) -> bool {
+        match self {
+            Command::KvPut { key, value, .. } => {
+                key == crate::access::ADMIN_REQUIRES_KEY && crate::state::setting_on(value)
+            }
+            Command::Batch(cmds) => cmds.iter().any(Command::turns_on_admin_keys),
+            Command::Audited { cmd, .. } => cmd.turns_on_admin_keys(),
+            _ => false,
+        }
+    }
 }
 
 /// The result of applying a [`Command`].
@@ -374,6 +420,16 @@ pub enum Rejection {
     /// An API key with this id exists already.
     #[error("API key id {0} is taken")]
     ApiKeyExists(String),
+    /// An admin change without an admin API key, in a cluster that needs one.
+    #[error("admin change refused: {0}")]
+    NotAdmin(String),
+    /// A join token that no admin registered, in a cluster that admits only with those.
+    #[error(
+        "this join token was not issued with an admin API key, and this cluster takes only \
+         those ({key} is on)",
+        key = crate::access::ADMIN_REQUIRES_KEY
+    )]
+    TokenNotRegistered,
     /// The command cannot be applied as given.
     #[error("malformed command: {0}")]
     Malformed(String),

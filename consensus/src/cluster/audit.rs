@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use super::{Cluster, ClusterError, Inner};
 use crate::access::{
-    api_key_id, generate_api_key, key_matches, ApiKeyCommand, ApiKeyRecord, AuditEntry, NewApiKey,
-    Role, MAX_AUDIT_BATCH,
+    api_key_id, generate_api_key, key_matches, ApiKeyCommand, ApiKeyRecord, AuditEntry, Credential,
+    NewApiKey, Role, MAX_AUDIT_BATCH,
 };
 use crate::rpc::{ClientOp, ClientReply};
 use crate::state::ClusterState;
@@ -17,8 +17,8 @@ use crate::types::{Command, CommandResult};
 
 /// Most audit entries one read returns.
 pub const MAX_AUDIT_READ: u32 = 1000;
-/// How long a revocation waits for this node to apply it.
-const REVOKE_APPLY_WAIT: Duration = Duration::from_secs(5);
+/// How long a key's creation or revocation waits for this node to apply it.
+const APPLY_WAIT: Duration = Duration::from_secs(5);
 /// How often coalesced audit entries are written.
 const FLUSH_EVERY: Duration = Duration::from_secs(2);
 /// Distinct coalesced entries held between flushes; beyond this they are counted only.
@@ -139,11 +139,23 @@ impl Cluster {
         entry: AuditEntry,
         cmd: Command,
     ) -> Result<CommandResult, ClusterError> {
-        self.write(Command::Audited {
+        self.write_audited_as(entry, cmd, None).await
+    }
+
+    /// [`Cluster::write_audited`] for a caller that presented `credential`: an admin change
+    /// in a cluster with [`ADMIN_REQUIRES_KEY`](crate::access::ADMIN_REQUIRES_KEY) on needs
+    /// one, and `entry` must name it.
+    pub async fn write_audited_as(
+        &self,
+        entry: AuditEntry,
+        cmd: Command,
+        credential: Option<&Credential>,
+    ) -> Result<CommandResult, ClusterError> {
+        let cmd = Command::Audited {
             entry,
             cmd: Box::new(cmd),
-        })
-        .await
+        };
+        self.write_as(cmd, credential).await
     }
 
     /// Writes audit entries now; returns once they are committed.
@@ -180,12 +192,15 @@ impl Cluster {
         }
     }
 
-    /// Creates an API key with `role`; the returned key is the only copy of it.
+    /// Creates an API key with `role` for `actor`, who presented `credential`; the returned
+    /// key is the only copy of it. Returns once this node has applied it (or after
+    /// [`APPLY_WAIT`] if it lags).
     pub async fn create_api_key(
         &self,
         name: &str,
         role: Role,
         actor: &str,
+        credential: Option<&Credential>,
     ) -> Result<NewApiKey, ClusterError> {
         if name.len() > crate::state::MAX_NAME_LEN || name.chars().any(char::is_control) {
             return Err(ClusterError::Invalid(format!(
@@ -195,26 +210,33 @@ impl Cluster {
         }
         let new = generate_api_key(name, role, actor, unix_ms());
         let entry = self.audit_entry(actor, "apikey.create", &new.record.id, role.as_str());
-        self.write_audited(
-            entry,
-            Command::ApiKey(ApiKeyCommand::Create(new.record.clone())),
-        )
-        .await?;
+        let cmd = Command::ApiKey(ApiKeyCommand::Create(new.record.clone()));
+        self.write_audited_as(entry, cmd, credential).await?;
+        // So the key works on the node that made it as soon as the caller has it. If this
+        // node lags, the key is returned anyway: it is committed, and this is its only copy.
+        let id = new.record.id.clone();
+        self.wait_applied_here(APPLY_WAIT, |s| s.api_keys.contains_key(&id))
+            .await;
         Ok(new)
     }
 
-    /// Revokes an API key everywhere: each node refuses it once it has applied the revocation.
+    /// Revokes an API key everywhere (`actor` asked for it, presenting `credential`): each node refuses it once it has applied the revocation.
     /// Returns once this node has (so the node asked refuses the key from then on), or after
-    /// [`REVOKE_APPLY_WAIT`] if it lags.
-    pub async fn revoke_api_key(&self, id: &str, actor: &str) -> Result<(), ClusterError> {
+    /// [`APPLY_WAIT`] if it lags.
+    pub async fn revoke_api_key(
+        &self,
+        id: &str,
+        actor: &str,
+        credential: Option<&Credential>,
+    ) -> Result<(), ClusterError> {
         let entry = self.audit_entry(actor, "apikey.revoke", id, "");
         let cmd = Command::ApiKey(ApiKeyCommand::Revoke {
             id: id.to_string(),
             at_ms: unix_ms(),
         });
-        self.write_audited(entry, cmd).await?;
+        self.write_audited_as(entry, cmd, credential).await?;
         let applied = self
-            .wait_applied_here(REVOKE_APPLY_WAIT, |s| {
+            .wait_applied_here(APPLY_WAIT, |s| {
                 s.api_keys
                     .get(id)
                     .is_some_and(|k| k.revoked_at_ms.is_some())
@@ -225,7 +247,7 @@ impl Cluster {
         } else {
             Err(ClusterError::Unavailable(format!(
                 "key {id} is revoked in the cluster, but this node has not applied it within \
-                 {REVOKE_APPLY_WAIT:?}; it may still accept the key until it does"
+                 {APPLY_WAIT:?}; it may still accept the key until it does"
             )))
         }
     }

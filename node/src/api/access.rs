@@ -1,6 +1,9 @@
 //! API keys and the audit log: `/v1/apikeys` and `/v1/audit` (admin only).
 
-use super::{auth::Caller, read_limited, ApiError, Shared};
+use super::{
+    auth::{admin_change, Caller},
+    read_limited, ApiError, Shared,
+};
 use agentmesh_consensus::{ApiKeyRecord, Role, MAX_AUDIT_READ};
 use axum::{
     body::Body,
@@ -127,9 +130,10 @@ async fn create(
     let req: CreateRequest = serde_json::from_slice(&bytes)
         .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))?;
     let role: Role = req.role.parse().map_err(ApiError::bad_request)?;
+    admin_change(&s, &caller, "creating an API key")?;
     let new = s
         .cluster
-        .create_api_key(&req.name, role, &caller.actor)
+        .create_api_key(&req.name, role, &caller.actor, caller.credential.as_ref())
         .await?;
     let mut v = key_json(&new.record);
     v["key"] = json!(new.key);
@@ -146,7 +150,10 @@ async fn revoke(
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    s.cluster.revoke_api_key(&id, &caller.actor).await?;
+    admin_change(&s, &caller, "revoking an API key")?;
+    s.cluster
+        .revoke_api_key(&id, &caller.actor, caller.credential.as_ref())
+        .await?;
     Ok(Json(json!({ "id": id, "revoked": true })))
 }
 

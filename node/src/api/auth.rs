@@ -7,12 +7,17 @@
 //! still checked and its role applies. Every route needs a role ([`required_role`]): 401
 //! without a valid key, 403 with one whose role is too low, 429 with `Retry-After` past the
 //! key's rate. Refusals go to the audit log, coalesced so a flood costs a few entries.
+//!
+//! Admin changes to the cluster (API keys, join tokens, removals, `security.*` settings) go
+//! through [`admin_change`]: with `security.admin_requires_key` on, only a replicated admin
+//! API key may make them, and the key goes with the change to the leader, which checks it
+//! again (`consensus/src/cluster/forwarded.rs`).
 
 use std::net::SocketAddr;
 use std::num::NonZeroU32;
 use std::time::Duration;
 
-use agentmesh_consensus::Role;
+use agentmesh_consensus::{Credential, Role, ADMIN_REQUIRES_KEY};
 use axum::{
     extract::{ConnectInfo, MatchedPath, Request, State},
     http::{header, HeaderValue, Method, StatusCode},
@@ -30,6 +35,9 @@ pub struct Caller {
     pub actor: String,
     /// What it may do.
     pub role: Role,
+    /// The replicated API key it presented, passed on with admin changes; `None` for the
+    /// node's own admin key and keyless local callers, whom only this node vouches for.
+    pub credential: Option<Credential>,
 }
 
 /// The API's access rules on one node.
@@ -114,6 +122,7 @@ fn identify(
         None if access.admin_key.is_none() && plainly_local(headers) => Ok(Caller {
             actor: "local".into(),
             role: Role::Admin,
+            credential: None,
         }),
         None => Err(Refusal::NoKey),
         Some(key) => {
@@ -125,12 +134,14 @@ fn identify(
                 return Ok(Caller {
                     actor: "admin-key".into(),
                     role: Role::Admin,
+                    credential: None,
                 });
             }
             match s.cluster.authenticate(key) {
                 Some(record) => Ok(Caller {
                     actor: format!("apikey:{}", record.id),
                     role: record.role,
+                    credential: Some(Credential::new(key)),
                 }),
                 None => Err(Refusal::BadKey),
             }
@@ -236,6 +247,28 @@ fn refuse(s: &Shared, req: &Request, bearer: Option<&str>, refusal: Refusal) -> 
             .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
     }
     res
+}
+
+/// Whether `caller` may make an admin change to the cluster (`what`, for the audit log): it
+/// needs the admin role and, with [`ADMIN_REQUIRES_KEY`] on, a replicated admin API key. A
+/// handler calls this with the decoded target, so an encoded path cannot slip past it.
+pub(super) fn admin_change(s: &Shared, caller: &Caller, what: &str) -> Result<(), ApiError> {
+    let message = if caller.role < Role::Admin {
+        format!("{what} needs the admin role; this key is {}", caller.role)
+    } else if caller.credential.is_none() && s.cluster.admin_requires_key() {
+        format!(
+            "{what} needs an admin API key: {ADMIN_REQUIRES_KEY} is on, so this node's own \
+             key and keyless local calls may not make admin changes"
+        )
+    } else {
+        return Ok(());
+    };
+    let entry = s
+        .cluster
+        .audit_entry(&caller.actor, "auth.rejected", what, &message)
+        .with_outcome("refused: 403");
+    s.cluster.audit_later(entry);
+    Err(ApiError(StatusCode::FORBIDDEN, message))
 }
 
 /// Forgets rate-limit state of callers that have been quiet, so the table stays small.

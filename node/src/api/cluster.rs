@@ -1,8 +1,11 @@
 //! Cluster endpoints: `/v1/cluster`, `/v1/cluster/members`, `/v1/tokens`, `/v1/kv`,
 //! `/v1/rename`.
 
-use super::{auth::Caller, read_limited, ApiError, Shared};
-use agentmesh_consensus::{ClusterError, Rejection, MAX_VALUE_LEN};
+use super::{
+    auth::{admin_change, Caller},
+    read_limited, ApiError, Shared,
+};
+use agentmesh_consensus::{ClusterError, Rejection, MAX_VALUE_LEN, SECURITY_PREFIX};
 use axum::{
     body::Body,
     extract::{DefaultBodyLimit, Extension, Path, Query, State},
@@ -108,7 +111,11 @@ async fn token(
             .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))?
     };
     let ttl = Duration::from_secs(req.ttl_secs.unwrap_or(24 * 3600));
-    let (token, expires_at) = s.cluster.issue_token(ttl, &caller.actor).await?;
+    admin_change(&s, &caller, "issuing a join token")?;
+    let (token, expires_at) = s
+        .cluster
+        .issue_token(ttl, &caller.actor, caller.credential.as_ref())
+        .await?;
     Ok(Json(json!({ "token": token, "expires_at": expires_at })))
 }
 
@@ -152,23 +159,52 @@ struct CasQuery {
     if_version: Option<u64>,
 }
 
+/// Settings under `security.` are admin changes, whatever path spelled the key.
+fn check_security_key(s: &Shared, caller: &Caller, key: &str) -> Result<(), ApiError> {
+    if key.starts_with(SECURITY_PREFIX) {
+        admin_change(s, caller, &format!("changing {key}"))?;
+    }
+    Ok(())
+}
+
 async fn kv_put(
     State(s): State<Shared>,
+    Extension(caller): Extension<Caller>,
     Path(key): Path<String>,
     Query(q): Query<CasQuery>,
     body: Body,
 ) -> Result<Json<Value>, ApiError> {
     let value: Value = json_body(body, MAX_KV_BODY).await?;
-    let version = s.cluster.kv_put(&key, &value, q.if_version).await?;
+    check_security_key(&s, &caller, &key)?;
+    let version = s
+        .cluster
+        .kv_put(
+            &key,
+            &value,
+            q.if_version,
+            &caller.actor,
+            caller.credential.as_ref(),
+        )
+        .await?;
     Ok(Json(json!({ "key": key, "version": version })))
 }
 
 async fn kv_delete(
     State(s): State<Shared>,
+    Extension(caller): Extension<Caller>,
     Path(key): Path<String>,
     Query(q): Query<CasQuery>,
 ) -> Result<Json<Value>, ApiError> {
-    let existed = s.cluster.kv_delete(&key, q.if_version).await?;
+    check_security_key(&s, &caller, &key)?;
+    let existed = s
+        .cluster
+        .kv_delete(
+            &key,
+            q.if_version,
+            &caller.actor,
+            caller.credential.as_ref(),
+        )
+        .await?;
     Ok(Json(json!({ "key": key, "deleted": existed })))
 }
 
@@ -177,7 +213,11 @@ async fn remove_member(
     Extension(caller): Extension<Caller>,
     Path(member): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let m = s.cluster.remove_member(&member, &caller.actor).await?;
+    admin_change(&s, &caller, "removing a member")?;
+    let m = s
+        .cluster
+        .remove_member(&member, &caller.actor, caller.credential.as_ref())
+        .await?;
     Ok(Json(json!({
         "node_id": agentmesh_consensus::fmt_node_id(m.node_id),
         "peer_id": m.peer_id,
