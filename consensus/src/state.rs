@@ -694,6 +694,20 @@ mod tests {
         }
     }
 
+    /// A cluster `c` founded by member 1 (`p1`), without a cluster key.
+    fn founded() -> ClusterState {
+        let mut s = ClusterState::default();
+        s.apply(
+            &Command::Found {
+                cluster_id: "c".into(),
+                members: vec![member(1, "p1")],
+                cluster_key: None,
+            },
+            &mut Vec::new(),
+        );
+        s
+    }
+
     fn apply(s: &mut ClusterState, _step: u64, cmd: Command) -> CommandResult {
         s.apply(&cmd, &mut Vec::new())
     }
@@ -966,16 +980,7 @@ mod tests {
 
     #[test]
     fn a_token_admits_one_node_once() {
-        let mut s = ClusterState::default();
-        apply(
-            &mut s,
-            1,
-            Command::Found {
-                cluster_id: "c".into(),
-                members: vec![member(1, "p1")],
-                cluster_key: None,
-            },
-        );
+        let mut s = founded();
         let token = TokenUse {
             nonce: vec![7; 16],
             expires_at: 100,
@@ -1013,16 +1018,7 @@ mod tests {
 
     #[test]
     fn with_admin_keys_required_only_an_admin_key_changes_things_and_registers_tokens() {
-        let mut s = ClusterState::default();
-        apply(
-            &mut s,
-            1,
-            Command::Found {
-                cluster_id: "c".into(),
-                members: vec![member(1, "p1")],
-                cluster_key: None,
-            },
-        );
+        let mut s = founded();
         let key = |id: &str, role| {
             let mut k = crate::access::generate_api_key(id, role, "local", 1).record;
             k.id = id.into();
@@ -1144,16 +1140,7 @@ mod tests {
 
     #[test]
     fn colliding_node_ids_and_strangers_without_tokens_are_refused() {
-        let mut s = ClusterState::default();
-        apply(
-            &mut s,
-            1,
-            Command::Found {
-                cluster_id: "c".into(),
-                members: vec![member(1, "p1")],
-                cluster_key: None,
-            },
-        );
+        let mut s = founded();
         let r = apply(
             &mut s,
             2,

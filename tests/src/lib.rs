@@ -692,6 +692,17 @@ pub async fn leader_of(node: &Node) -> Option<String> {
     c["leader_peer_id"].as_str().map(String::from)
 }
 
+/// The index in `nodes` of the node `nodes[0]` names as leader.
+pub async fn leader_index(nodes: &[Node]) -> Result<usize> {
+    let leader = leader_of(&nodes[0])
+        .await
+        .ok_or_else(|| anyhow!("no leader"))?;
+    nodes
+        .iter()
+        .position(|n| n.info.peer_id == leader)
+        .ok_or_else(|| anyhow!("leader {leader} is none of these nodes"))
+}
+
 /// Voter count, learner count and active-member count as `node` sees them.
 pub async fn shape(node: &Node) -> Result<(usize, usize, usize)> {
     let c = node.cluster().await?;

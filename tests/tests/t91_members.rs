@@ -6,8 +6,8 @@
 use agentmesh_tests::events::{next_gossip, subscribe_ws, wait_subscribers};
 use agentmesh_tests::raw_raft::RawRaftPeer;
 use agentmesh_tests::{
-    fast_raft_args, fixed_ports, leader_of, ok_stdout, pseudo_random, restart_args, shape,
-    start_cluster, wait_members, wait_until, write_file, Node,
+    fast_raft_args, fixed_ports, leader_index, leader_of, ok_stdout, pseudo_random, restart_args,
+    shape, start_cluster, wait_members, wait_until, write_file, Node,
 };
 use anyhow::{Context, Result};
 use serde_json::Value;
@@ -215,14 +215,7 @@ async fn a_member_cannot_forward_a_change_to_another_members_record() -> Result<
     let root = tempfile::tempdir()?;
     let mut nodes = start_cluster(root.path(), "f", 3, &fast_raft_args()).await?;
     wait_members(&nodes, Duration::from_secs(30)).await?;
-    let leader_peer = nodes[0].cluster().await?["leader_peer_id"]
-        .as_str()
-        .context("no leader")?
-        .to_string();
-    let leader = nodes
-        .iter()
-        .position(|n| n.info.peer_id == leader_peer)
-        .context("no node leads")?;
+    let leader = leader_index(&nodes).await?;
     let (rogue, target) = ((leader + 1) % 3, (leader + 2) % 3);
     let target_peer = nodes[target].info.peer_id.clone();
     let target_id = agentmesh_consensus::node_id_for(&target_peer);

@@ -7,7 +7,7 @@
 use agentmesh_consensus::{hash_api_key, node_id_for, JoinToken, TokenBody};
 use agentmesh_tests::raw_raft::RawRaftPeer;
 use agentmesh_tests::{
-    fast_raft_args, fixed_ports, leader_of, shape, start_cluster, wait_until, Node,
+    fast_raft_args, fixed_ports, leader_index, shape, start_cluster, wait_until, Node,
 };
 use anyhow::{Context, Result};
 use reqwest::{Method, StatusCode};
@@ -33,11 +33,7 @@ async fn join_with(root: &std::path::Path, name: &str, via: &Node, token: &str) 
 async fn with_admin_keys_required_no_members_word_makes_an_admin_change() -> Result<()> {
     let root = tempfile::tempdir()?;
     let mut nodes = start_cluster(root.path(), "k", 3, &fast_raft_args()).await?;
-    let leader = leader_of(&nodes[0]).await.context("no leader")?;
-    let li = nodes
-        .iter()
-        .position(|n| n.info.peer_id == leader)
-        .context("no node leads")?;
+    let li = leader_index(&nodes).await?;
     let (rogue, follower) = ((li + 1) % 3, (li + 2) % 3);
     let f = &nodes[follower];
 
