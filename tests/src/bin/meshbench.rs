@@ -14,7 +14,8 @@
 //!    meshes of 10 and 30 nodes;
 //! 3. resident memory of idle nodes, and of a node after the blob benchmark.
 //!
-//! `--quick` halves the blob size and the number of gossip messages. The node
+//! `--quick` halves the blob size and the number of gossip messages;
+//! `--only blob|gossip|memory` (comma-separated) runs only those parts. The node
 //! binary is `AGENTMESH_BIN`, else `agentmesh` next to this executable, so a
 //! release run of `meshbench` measures the release node.
 
@@ -62,30 +63,51 @@ const TARGET_GOSSIP_P99_MS: f64 = 50.0;
 /// Target: idle node RSS below this.
 const TARGET_IDLE_RSS_MIB: f64 = 30.0;
 
+const USAGE: &str = "usage: meshbench [--quick] [--only blob,gossip,memory]";
+
 /// What to run.
 struct Options {
     blob_bytes: usize,
     gossip_messages: usize,
     quick: bool,
+    blob: bool,
+    gossip: bool,
+    memory: bool,
 }
 
 impl Options {
     fn from_args() -> Result<Self> {
         let mut quick = false;
-        for arg in std::env::args().skip(1) {
+        let mut only: Option<String> = None;
+        let mut args = std::env::args().skip(1);
+        while let Some(arg) = args.next() {
             match arg.as_str() {
                 "--quick" => quick = true,
+                "--only" => only = Some(args.next().context(USAGE)?),
                 "-h" | "--help" => {
-                    println!("usage: meshbench [--quick]");
+                    println!("{USAGE}");
                     std::process::exit(0);
                 }
-                other => bail!("unknown argument {other:?} (usage: meshbench [--quick])"),
+                other => bail!("unknown argument {other:?} ({USAGE})"),
             }
+        }
+        let parts: Vec<&str> = match &only {
+            Some(list) => list.split(',').map(str::trim).collect(),
+            None => vec!["blob", "gossip", "memory"],
+        };
+        if let Some(bad) = parts
+            .iter()
+            .find(|p| !["blob", "gossip", "memory"].contains(p))
+        {
+            bail!("unknown part {bad:?} in --only ({USAGE})");
         }
         Ok(Self {
             blob_bytes: if quick { 128 * MIB } else { 256 * MIB },
             gossip_messages: if quick { 100 } else { 200 },
             quick,
+            blob: parts.contains(&"blob"),
+            gossip: parts.contains(&"gossip"),
+            memory: parts.contains(&"memory"),
         })
     }
 }
@@ -105,20 +127,28 @@ async fn run(opts: &Options) -> Result<()> {
     let header = machine_header(opts)?;
     eprint!("{header}");
     // Idle RSS first, while nothing else has run: the cleanest figure.
-    let idle = bench_idle_rss().await.context("idle RSS benchmark")?;
+    let idle = match opts.memory {
+        true => Some(bench_idle_rss().await.context("idle RSS benchmark")?),
+        false => None,
+    };
     let mut gossip = Vec::new();
-    for n in GOSSIP_SIZES {
+    for n in GOSSIP_SIZES.iter().filter(|_| opts.gossip) {
         gossip.push(
-            bench_gossip(n, opts.gossip_messages)
+            bench_gossip(*n, opts.gossip_messages)
                 .await
                 .with_context(|| format!("gossip benchmark on {n} nodes"))?,
         );
     }
-    let blob = bench_blob(opts.blob_bytes)
-        .await
-        .context("blob benchmark")?;
+    let blob = match opts.blob {
+        true => Some(
+            bench_blob(opts.blob_bytes)
+                .await
+                .context("blob benchmark")?,
+        ),
+        false => None,
+    };
     println!("{header}");
-    println!("{}", report(&blob, &gossip, &idle));
+    println!("{}", report(blob.as_ref(), &gossip, idle.as_ref()));
     Ok(())
 }
 
@@ -147,11 +177,12 @@ struct BlobResult {
 
 async fn bench_blob(bytes: usize) -> Result<BlobResult> {
     let root = tempfile::tempdir().context("creating a temp dir")?;
-    let a = Node::start(root.path(), "a", &[]).await?;
-    let b = Node::start(root.path(), "b", &["--bootstrap".to_string(), a.tcp_addr()]).await?;
-    let nodes = [a, b];
+    // Members of one cluster (nodes serve blobs only to members); B dials A over TCP.
+    let nodes = start_chain(root.path(), "blob", 2, &[]).await?;
     wait_full_mesh(&nodes, Duration::from_secs(30)).await?;
-    let [a, b] = &nodes;
+    let [a, b] = nodes.as_slice() else {
+        bail!("expected two nodes");
+    };
 
     let mut result = BlobResult {
         bytes,
@@ -794,9 +825,21 @@ fn machine_header(opts: &Options) -> Result<String> {
     Ok(s)
 }
 
-fn report(blob: &BlobResult, gossip: &[GossipResult], idle: &IdleResult) -> String {
+fn report(blob: Option<&BlobResult>, gossip: &[GossipResult], idle: Option<&IdleResult>) -> String {
     let mut t = Table::default();
+    if let Some(blob) = blob {
+        report_blob(&mut t, blob);
+    }
+    for g in gossip {
+        report_gossip(&mut t, g);
+    }
+    if let Some(idle) = idle {
+        report_memory(&mut t, idle, blob);
+    }
+    t.render()
+}
 
+fn report_blob(t: &mut Table, blob: &BlobResult) {
     t.section(&format!(
         "Blob transfer, {} MiB, loopback, median of {ROUNDS} (MB = 10^6 B)",
         blob.bytes / MIB
@@ -867,121 +910,123 @@ fn report(blob: &BlobResult, gossip: &[GossipResult], idle: &IdleResult) -> Stri
         "",
         "",
     );
+}
 
-    for g in gossip {
-        let m = &g.main;
-        t.section(&format!(
-            "Gossip latency, {} nodes, {} messages {} ms apart, HTTP publish -> WebSocket event",
-            g.nodes,
-            m.messages,
-            m.gap.as_millis()
-        ));
-        let p99 = percentile(&m.latencies_ms, 99.0);
-        t.row(
-            "p50",
-            format!("{:.2} ms", percentile(&m.latencies_ms, 50.0)),
-            "",
-            "",
-        );
-        t.row(
-            "p99",
-            format!("{p99:.2} ms"),
-            format!("< {TARGET_GOSSIP_P99_MS:.0} ms"),
-            verdict(p99 < TARGET_GOSSIP_P99_MS),
-        );
-        t.row(
-            "max",
-            format!(
-                "{:.2} ms",
-                m.latencies_ms.last().copied().unwrap_or(f64::NAN)
-            ),
-            "",
-            "",
-        );
-        let got = m.latencies_ms.len();
-        t.row(
-            "deliveries received / expected",
-            format!("{got} / {}", m.expected),
-            "all",
-            verdict(got == m.expected),
-        );
-        t.row(
-            "duplicates, lagged events",
-            format!("{}, {}", m.duplicates, m.lagged),
-            "",
-            "",
-        );
-        t.row(
-            "publish HTTP call p50 / p99 (part of the above)",
-            format!(
-                "{:.2} / {:.2} ms",
-                percentile(&m.publish_ms, 50.0),
-                percentile(&m.publish_ms, 99.0)
-            ),
-            "",
-            "",
-        );
-        t.row(
-            "CPU idle mesh: nodes / bench / other",
-            g.cpu_idle.describe(),
-            "",
-            "",
-        );
-        t.row(
-            "CPU publishing: nodes / bench / other",
-            m.cpu.describe(),
-            "",
-            "",
-        );
-        // What the messages cost the nodes, above the mesh's background load.
-        let idle_rate = g.cpu_idle.nodes / g.cpu_idle.wall;
-        let extra = m.cpu.nodes - idle_rate * m.cpu.wall;
-        t.row(
-            "node CPU per delivery (above idle)",
-            format!("{:.0} us", extra / got.max(1) as f64 * 1e6),
-            "",
-            "",
-        );
-        let slow = &g.slow;
-        t.row(
-            &format!(
-                "context: {} msgs {} ms apart, p50 / p99",
-                slow.messages,
-                slow.gap.as_millis()
-            ),
-            format!(
-                "{:.2} / {:.2} ms",
-                percentile(&slow.latencies_ms, 50.0),
-                percentile(&slow.latencies_ms, 99.0)
-            ),
-            "",
-            "",
-        );
-        t.row(
-            "  its deliveries, CPU nodes / bench / other",
-            format!(
-                "{}/{}, {}",
-                slow.latencies_ms.len(),
-                slow.expected,
-                slow.cpu.describe()
-            ),
-            "",
-            "",
-        );
-        t.row(
-            "chain -> full mesh (context)",
-            format!("{:.1} s", g.mesh_secs),
-            "",
-            "",
-        );
-        t.row(
-            "max node RSS after run (context)",
-            format!("{:.1} MiB", g.max_rss),
-            "",
-            "",
-        );
-    }
+fn report_gossip(t: &mut Table, g: &GossipResult) {
+    let m = &g.main;
+    t.section(&format!(
+        "Gossip latency, {} nodes, {} messages {} ms apart, HTTP publish -> WebSocket event",
+        g.nodes,
+        m.messages,
+        m.gap.as_millis()
+    ));
+    let p99 = percentile(&m.latencies_ms, 99.0);
+    t.row(
+        "p50",
+        format!("{:.2} ms", percentile(&m.latencies_ms, 50.0)),
+        "",
+        "",
+    );
+    t.row(
+        "p99",
+        format!("{p99:.2} ms"),
+        format!("< {TARGET_GOSSIP_P99_MS:.0} ms"),
+        verdict(p99 < TARGET_GOSSIP_P99_MS),
+    );
+    t.row(
+        "max",
+        format!(
+            "{:.2} ms",
+            m.latencies_ms.last().copied().unwrap_or(f64::NAN)
+        ),
+        "",
+        "",
+    );
+    let got = m.latencies_ms.len();
+    t.row(
+        "deliveries received / expected",
+        format!("{got} / {}", m.expected),
+        "all",
+        verdict(got == m.expected),
+    );
+    t.row(
+        "duplicates, lagged events",
+        format!("{}, {}", m.duplicates, m.lagged),
+        "",
+        "",
+    );
+    t.row(
+        "publish HTTP call p50 / p99 (part of the above)",
+        format!(
+            "{:.2} / {:.2} ms",
+            percentile(&m.publish_ms, 50.0),
+            percentile(&m.publish_ms, 99.0)
+        ),
+        "",
+        "",
+    );
+    t.row(
+        "CPU idle mesh: nodes / bench / other",
+        g.cpu_idle.describe(),
+        "",
+        "",
+    );
+    t.row(
+        "CPU publishing: nodes / bench / other",
+        m.cpu.describe(),
+        "",
+        "",
+    );
+    // What the messages cost the nodes, above the mesh's background load.
+    let idle_rate = g.cpu_idle.nodes / g.cpu_idle.wall;
+    let extra = m.cpu.nodes - idle_rate * m.cpu.wall;
+    t.row(
+        "node CPU per delivery (above idle)",
+        format!("{:.0} us", extra / got.max(1) as f64 * 1e6),
+        "",
+        "",
+    );
+    let slow = &g.slow;
+    t.row(
+        &format!(
+            "context: {} msgs {} ms apart, p50 / p99",
+            slow.messages,
+            slow.gap.as_millis()
+        ),
+        format!(
+            "{:.2} / {:.2} ms",
+            percentile(&slow.latencies_ms, 50.0),
+            percentile(&slow.latencies_ms, 99.0)
+        ),
+        "",
+        "",
+    );
+    t.row(
+        "  its deliveries, CPU nodes / bench / other",
+        format!(
+            "{}/{}, {}",
+            slow.latencies_ms.len(),
+            slow.expected,
+            slow.cpu.describe()
+        ),
+        "",
+        "",
+    );
+    t.row(
+        "chain -> full mesh (context)",
+        format!("{:.1} s", g.mesh_secs),
+        "",
+        "",
+    );
+    t.row(
+        "max node RSS after run (context)",
+        format!("{:.1} MiB", g.max_rss),
+        "",
+        "",
+    );
+}
 
+fn report_memory(t: &mut Table, idle: &IdleResult, blob: Option<&BlobResult>) {
     t.section("Memory (VmRSS from /proc/PID/status, MiB = 2^20 B)");
     let max = idle.rss.last().copied().unwrap_or(f64::NAN);
     t.row(
@@ -994,6 +1039,7 @@ fn report(blob: &BlobResult, gossip: &[GossipResult], idle: &IdleResult) -> Stri
         verdict(max < TARGET_IDLE_RSS_MIB),
     );
     t.row("  median", format!("{:.1} MiB", median(&idle.rss)), "", "");
+    let Some(blob) = blob else { return };
     t.row(
         "fetcher after blob benchmark (context)",
         format!("{:.1} MiB", blob.fetcher_rss),
@@ -1006,7 +1052,6 @@ fn report(blob: &BlobResult, gossip: &[GossipResult], idle: &IdleResult) -> Stri
         "",
         "",
     );
-    t.render()
 }
 
 fn verdict(ok: bool) -> &'static str {
