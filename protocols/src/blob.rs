@@ -5,19 +5,32 @@
 //! verify every chunk on arrival, from whichever provider it came, and the whole
 //! blob at the end. Peers ask for a manifest or one chunk at a time
 //! ([`BlobRequest`]); responses are [`BlobResponse`].
+//!
+//! # Wire format
+//!
+//! A request is one frame: a 4-byte big-endian length, then that many bytes of
+//! CBOR ([`BlobRequest`]). A response is a frame holding its CBOR head (the answer,
+//! with a chunk's length in place of its bytes), followed, for a chunk, by exactly
+//! that many raw bytes. Chunk bytes are neither CBOR-encoded nor copied into a frame
+//! buffer: the provider writes them from the buffer it read from disk, and the
+//! fetcher reads them into the buffer it hashes and writes.
 
-use crate::codec::{decode_frame, encode_frame, CborCodec, CodecLimits};
-use libp2p::StreamProtocol;
+use crate::codec::{
+    decode_frame, encode_frame, invalid, read_frame, too_large, write_frame, CodecLimits,
+};
+use futures::{io::Cursor, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, FutureExt};
+use libp2p::{request_response, StreamProtocol};
 use serde::{Deserialize, Serialize};
 use serde_bytes::ByteBuf;
 use sha2::{Digest, Sha256};
 use std::{fmt, io, str::FromStr};
 
-/// Protocol id of the blob exchange.
-pub const PROTOCOL: StreamProtocol = StreamProtocol::new("/agentmesh/blob/1.0.0");
+/// Protocol id of the blob exchange. Version 2 sends chunk bytes raw after the
+/// response head; version 1 (CBOR-encoded chunks) is not spoken.
+pub const PROTOCOL: StreamProtocol = StreamProtocol::new("/agentmesh/blob/2.0.0");
 
-/// Version carried in every request and response.
-pub const BLOB_WIRE_VERSION: u8 = 1;
+/// Version carried in every request and response head.
+pub const BLOB_WIRE_VERSION: u8 = 2;
 
 /// Default chunk size: 1 MiB, large enough to amortise per-request overhead and
 /// small enough that a bad chunk costs little to refetch.
@@ -33,17 +46,15 @@ pub const MAX_CHUNKS: u64 = 128 * 1024;
 /// Largest request frame: requests carry a hash and an index, nothing more.
 pub const MAX_REQUEST_FRAME: usize = 1024;
 
-/// Largest response frame: one maximal chunk, or a maximal manifest, plus
-/// CBOR framing overhead.
+/// Largest response head frame: a maximal manifest (4 MiB of chunk hashes) plus
+/// CBOR framing overhead. A chunk's bytes follow the head and are limited by
+/// [`MAX_CHUNK_SIZE`].
 pub const MAX_RESPONSE_FRAME: usize = (MAX_CHUNK_SIZE as usize) + 64 * 1024;
 
-/// Codec limits of the blob protocol.
+/// Codec limits of the blob protocol: request frames, and response heads.
 pub fn codec_limits() -> CodecLimits {
     CodecLimits::new(MAX_REQUEST_FRAME, MAX_RESPONSE_FRAME)
 }
-
-/// The request-response codec of the blob protocol.
-pub type BlobCodec = CborCodec<BlobRequest, BlobResponse>;
 
 /// SHA-256 of a blob's bytes, its name everywhere in the mesh.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -290,7 +301,7 @@ impl BlobRequest {
 }
 
 /// A response of the blob protocol.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BlobResponse {
     /// Wire version, [`BLOB_WIRE_VERSION`].
     pub v: u8,
@@ -299,8 +310,7 @@ pub struct BlobResponse {
 }
 
 /// The answer in a [`BlobResponse`].
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ResponseBody {
     /// The requested manifest.
     Manifest(Manifest),
@@ -309,7 +319,7 @@ pub enum ResponseBody {
         /// Zero-based chunk index.
         index: u64,
         /// The bytes.
-        data: ByteBuf,
+        data: Vec<u8>,
     },
     /// This peer does not hold the blob (or the chunk index is out of range).
     NotFound,
@@ -330,31 +340,169 @@ impl BlobResponse {
             body,
         }
     }
+
+    /// The head that goes on the wire, and the chunk bytes that follow it.
+    fn into_wire(self) -> io::Result<(ResponseHead, Vec<u8>)> {
+        let (body, payload) = match self.body {
+            ResponseBody::Manifest(m) => (HeadBody::Manifest(m), Vec::new()),
+            ResponseBody::Chunk { index, data } => {
+                let len = u32::try_from(data.len())
+                    .ok()
+                    .filter(|len| *len <= MAX_CHUNK_SIZE)
+                    .ok_or_else(|| too_large(data.len(), MAX_CHUNK_SIZE as usize))?;
+                (HeadBody::Chunk { index, len }, data)
+            }
+            ResponseBody::NotFound => (HeadBody::NotFound, Vec::new()),
+            ResponseBody::Busy => (HeadBody::Busy, Vec::new()),
+            ResponseBody::Error { message } => (HeadBody::Error { message }, Vec::new()),
+        };
+        Ok((ResponseHead { v: self.v, body }, payload))
+    }
 }
 
-/// Decodes a request frame body (for fuzzing and tests).
+/// A response as it goes on the wire: a chunk's length stands in for its bytes,
+/// which follow the head raw.
+#[derive(Serialize, Deserialize)]
+struct ResponseHead {
+    v: u8,
+    body: HeadBody,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum HeadBody {
+    Manifest(Manifest),
+    Chunk { index: u64, len: u32 },
+    NotFound,
+    Busy,
+    Error { message: String },
+}
+
+/// Reads one response: the head frame, then a chunk's bytes straight into the
+/// buffer that is handed on.
+async fn read_response<R: AsyncRead + Unpin + Send>(io: &mut R) -> io::Result<BlobResponse> {
+    let head: ResponseHead = read_frame(io, MAX_RESPONSE_FRAME).await?;
+    let body = match head.body {
+        HeadBody::Manifest(m) => ResponseBody::Manifest(m),
+        HeadBody::Chunk { index, len } => {
+            if len > MAX_CHUNK_SIZE {
+                return Err(too_large(len as usize, MAX_CHUNK_SIZE as usize));
+            }
+            let mut data = vec![0u8; len as usize];
+            io.read_exact(&mut data).await?;
+            ResponseBody::Chunk { index, data }
+        }
+        HeadBody::NotFound => ResponseBody::NotFound,
+        HeadBody::Busy => ResponseBody::Busy,
+        HeadBody::Error { message } => ResponseBody::Error { message },
+    };
+    Ok(BlobResponse { v: head.v, body })
+}
+
+/// Writes one response: the head frame in one write, then a chunk's bytes from
+/// the buffer they were read into.
+async fn write_response<W: AsyncWrite + Unpin + Send>(
+    io: &mut W,
+    res: BlobResponse,
+) -> io::Result<()> {
+    let (head, payload) = res.into_wire()?;
+    let head = encode_frame(&head, MAX_RESPONSE_FRAME)?;
+    let mut frame = Vec::with_capacity(4 + head.len());
+    frame.extend_from_slice(&(head.len() as u32).to_be_bytes());
+    frame.extend_from_slice(&head);
+    io.write_all(&frame).await?;
+    if !payload.is_empty() {
+        io.write_all(&payload).await?;
+    }
+    io.close().await
+}
+
+/// Decodes a request frame body, without its length prefix (for fuzzing and tests).
 pub fn decode_request(bytes: &[u8]) -> io::Result<BlobRequest> {
     decode_frame(bytes, MAX_REQUEST_FRAME)
 }
 
-/// Decodes a response frame body (for fuzzing and tests).
+/// Decodes a whole response as it crosses a stream: the length-prefixed head, then
+/// a chunk's bytes. Missing or trailing bytes are errors (for fuzzing and tests).
 pub fn decode_response(bytes: &[u8]) -> io::Result<BlobResponse> {
-    decode_frame(bytes, MAX_RESPONSE_FRAME)
+    let mut cursor = Cursor::new(bytes);
+    let res = read_response(&mut cursor)
+        .now_or_never()
+        .unwrap_or_else(|| Err(invalid("response reader did not finish".into())))?;
+    let trailing = bytes.len() as u64 - cursor.position();
+    if trailing > 0 {
+        return Err(invalid(format!("{trailing} bytes after the response")));
+    }
+    Ok(res)
 }
 
-/// Encodes a request frame body.
+/// Encodes a request frame body, without its length prefix.
 pub fn encode_request(req: &BlobRequest) -> io::Result<Vec<u8>> {
     encode_frame(req, MAX_REQUEST_FRAME)
 }
 
-/// Encodes a response frame body.
+/// Encodes a whole response as it crosses a stream: the length-prefixed head, then
+/// a chunk's bytes.
 pub fn encode_response(res: &BlobResponse) -> io::Result<Vec<u8>> {
-    encode_frame(res, MAX_RESPONSE_FRAME)
+    let mut out = Cursor::new(Vec::new());
+    write_response(&mut out, res.clone())
+        .now_or_never()
+        .unwrap_or_else(|| Err(invalid("response writer did not finish".into())))?;
+    Ok(out.into_inner())
 }
 
-/// A new codec with the blob protocol's limits.
+/// The request-response codec of the blob protocol: CBOR request frames, and
+/// responses whose chunk bytes follow a CBOR head raw.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct BlobCodec;
+
+impl request_response::Codec for BlobCodec {
+    type Protocol = StreamProtocol;
+    type Request = BlobRequest;
+    type Response = BlobResponse;
+
+    async fn read_request<T>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<BlobRequest>
+    where
+        T: AsyncRead + Unpin + Send,
+    {
+        read_frame(io, MAX_REQUEST_FRAME).await
+    }
+
+    async fn read_response<T>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<BlobResponse>
+    where
+        T: AsyncRead + Unpin + Send,
+    {
+        read_response(io).await
+    }
+
+    async fn write_request<T>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+        req: BlobRequest,
+    ) -> io::Result<()>
+    where
+        T: AsyncWrite + Unpin + Send,
+    {
+        write_frame(io, &req, MAX_REQUEST_FRAME).await
+    }
+
+    async fn write_response<T>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+        res: BlobResponse,
+    ) -> io::Result<()>
+    where
+        T: AsyncWrite + Unpin + Send,
+    {
+        write_response(io, res).await
+    }
+}
+
+/// The blob protocol's codec.
 pub fn codec() -> BlobCodec {
-    BlobCodec::new(codec_limits())
+    BlobCodec
 }
 
 #[cfg(test)]
@@ -433,10 +581,59 @@ mod tests {
     fn maximal_chunk_response_fits_the_frame_limit() {
         let res = BlobResponse::new(ResponseBody::Chunk {
             index: u64::MAX,
-            data: ByteBuf::from(vec![0xab; MAX_CHUNK_SIZE as usize]),
+            data: vec![0xab; MAX_CHUNK_SIZE as usize],
         });
         let bytes = encode_response(&res).unwrap();
         assert_eq!(decode_response(&bytes).unwrap(), res);
+        // The chunk's bytes follow the head raw: the response is the chunk plus a
+        // few dozen bytes, not a CBOR re-encoding of it.
+        assert!(
+            bytes.len() < MAX_CHUNK_SIZE as usize + 64,
+            "{}",
+            bytes.len()
+        );
+        assert!(bytes.ends_with(&[0xab; 4096]));
+    }
+
+    #[test]
+    fn chunk_over_the_limit_is_refused_both_ways() {
+        let res = BlobResponse::new(ResponseBody::Chunk {
+            index: 0,
+            data: vec![0; MAX_CHUNK_SIZE as usize + 1],
+        });
+        let err = encode_response(&res).unwrap_err();
+        assert!(err.to_string().contains("exceeds the limit"), "{err}");
+        // A head announcing a chunk over the limit is refused before its bytes are read.
+        let head = encode_frame(
+            &ResponseHead {
+                v: BLOB_WIRE_VERSION,
+                body: HeadBody::Chunk {
+                    index: 0,
+                    len: MAX_CHUNK_SIZE + 1,
+                },
+            },
+            MAX_RESPONSE_FRAME,
+        )
+        .unwrap();
+        let mut bytes = (head.len() as u32).to_be_bytes().to_vec();
+        bytes.extend(head);
+        let err = decode_response(&bytes).unwrap_err();
+        assert!(err.to_string().contains("exceeds the limit"), "{err}");
+    }
+
+    #[test]
+    fn short_and_trailing_chunk_bytes_are_errors() {
+        let res = BlobResponse::new(ResponseBody::Chunk {
+            index: 3,
+            data: vec![1, 2, 3, 4],
+        });
+        let bytes = encode_response(&res).unwrap();
+        assert_eq!(decode_response(&bytes).unwrap(), res);
+        let err = decode_response(&bytes[..bytes.len() - 1]).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
+        let mut longer = bytes.clone();
+        longer.push(0);
+        assert!(decode_response(&longer).is_err());
     }
 
     proptest! {
@@ -444,6 +641,20 @@ mod tests {
         fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..2048)) {
             let _ = decode_request(&bytes);
             let _ = decode_response(&bytes);
+        }
+
+        #[test]
+        fn response_round_trip(index: u64, data in proptest::collection::vec(any::<u8>(), 0..4096), kind in 0u8..5, message in ".{0,40}") {
+            let body = match kind {
+                0 => ResponseBody::Chunk { index, data },
+                1 => ResponseBody::Manifest(Manifest { size: data.len() as u64, chunk_size: 4096, chunk_hashes: ByteBuf::from(vec![7; 32]) }),
+                2 => ResponseBody::NotFound,
+                3 => ResponseBody::Busy,
+                _ => ResponseBody::Error { message },
+            };
+            let res = BlobResponse::new(body);
+            let bytes = encode_response(&res).unwrap();
+            prop_assert_eq!(decode_response(&bytes).unwrap(), res);
         }
 
         #[test]

@@ -74,17 +74,17 @@ pub(crate) fn encode_frame<T: Serialize>(value: &T, limit: usize) -> io::Result<
     Ok(out)
 }
 
-fn too_large(size: usize, limit: usize) -> io::Error {
+pub(crate) fn too_large(size: usize, limit: usize) -> io::Error {
     invalid(format!(
         "frame of {size} bytes exceeds the limit of {limit} bytes"
     ))
 }
 
-fn invalid(msg: String) -> io::Error {
+pub(crate) fn invalid(msg: String) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, msg)
 }
 
-async fn read_frame<T, R>(io: &mut R, limit: usize) -> io::Result<T>
+pub(crate) async fn read_frame<T, R>(io: &mut R, limit: usize) -> io::Result<T>
 where
     T: DeserializeOwned,
     R: AsyncRead + Unpin + Send,
@@ -100,7 +100,7 @@ where
     decode_frame(&buf, limit)
 }
 
-async fn write_frame<T, W>(io: &mut W, value: &T, limit: usize) -> io::Result<()>
+pub(crate) async fn write_frame<T, W>(io: &mut W, value: &T, limit: usize) -> io::Result<()>
 where
     T: Serialize,
     W: AsyncWrite + Unpin + Send,

@@ -5,9 +5,9 @@
 //! - [`Envelope`]: the versioned CBOR envelope every agentmesh message travels in
 //!   (gossip today, direct messages later), decoded with a size limit and checked
 //!   against its content-hash id.
-//! - [`blob`]: the content-addressed blob protocol (`/agentmesh/blob/1.0.0`):
-//!   manifest and chunk requests over request-response, with a length-prefixed CBOR
-//!   codec whose limits are raised explicitly for chunks.
+//! - [`blob`]: the content-addressed blob protocol (`/agentmesh/blob/2.0.0`):
+//!   manifest and chunk requests over request-response, length-prefixed CBOR with
+//!   explicit limits, chunk bytes sent raw after the response head.
 //! - [`MeshBehaviour`]: one behaviour composing identify, ping, Kademlia, gossipsub,
 //!   the blob protocol and connection limits, every knob set explicitly in
 //!   [`MeshConfig`].

@@ -321,7 +321,7 @@ async fn garbage_on_the_wire_is_refused_without_harm() -> Result<()> {
     let resp = raw_blob_request(&mut swarm, peer, frame)
         .await?
         .context("no answer to a valid request")?;
-    let decoded = agentmesh_protocols::blob::decode_response(&resp[4..])?;
+    let decoded = agentmesh_protocols::blob::decode_response(&resp)?;
     assert_eq!(
         decoded.body,
         agentmesh_protocols::blob::ResponseBody::NotFound

@@ -554,7 +554,7 @@ impl Fetcher {
                 Err(e) => return (peer, index, Outcome::Failed(e.to_string())),
             };
             let data = match res.body {
-                ResponseBody::Chunk { index: got, data } if got == index => data.into_vec(),
+                ResponseBody::Chunk { index: got, data } if got == index => data,
                 ResponseBody::Chunk { index: got, .. } => {
                     return (
                         peer,

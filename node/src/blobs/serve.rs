@@ -5,7 +5,6 @@ use crate::network::{InboundBlobRequest, NetworkHandle};
 use agentmesh_protocols::blob::{
     BlobRequest, BlobResponse, RequestBody, ResponseBody, BLOB_WIRE_VERSION,
 };
-use serde_bytes::ByteBuf;
 use std::{
     sync::{Arc, Mutex},
     time::{Duration, Instant},
@@ -81,10 +80,7 @@ async fn answer(store: Arc<BlobStore>, request: BlobRequest, pacer: &Pacer) -> B
             match read {
                 Ok(Ok(Some(data))) => {
                     pacer.wait(data.len()).await;
-                    ResponseBody::Chunk {
-                        index,
-                        data: ByteBuf::from(data),
-                    }
+                    ResponseBody::Chunk { index, data }
                 }
                 Ok(Ok(None)) => ResponseBody::NotFound,
                 Ok(Err(e)) => internal(e),

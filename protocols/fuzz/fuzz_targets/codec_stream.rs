@@ -1,6 +1,6 @@
-//! Arbitrary bytes as a stream into the request-response codec (length prefix,
-//! limit check, CBOR), as a peer would send them: must never panic or allocate
-//! past the limit.
+//! Arbitrary bytes as a stream into the blob request-response codec (length
+//! prefix, limit check, CBOR head, then a chunk's raw bytes), as a peer would send
+//! them: must never panic or allocate past the limit.
 #![no_main]
 
 use agentmesh_protocols::blob;
