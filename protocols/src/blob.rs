@@ -15,9 +15,7 @@
 //! buffer: the provider writes them from the buffer it read from disk, and the
 //! fetcher reads them into the buffer it hashes and writes.
 
-use crate::codec::{
-    decode_frame, encode_frame, invalid, read_frame, too_large, write_frame, CodecLimits,
-};
+use crate::codec::{decode_frame, encode_frame, invalid, read_frame, too_large, write_frame};
 use futures::{io::Cursor, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, FutureExt};
 use libp2p::{request_response, StreamProtocol};
 use serde::{Deserialize, Serialize};
@@ -50,11 +48,6 @@ pub const MAX_REQUEST_FRAME: usize = 1024;
 /// CBOR framing overhead. A chunk's bytes follow the head and are limited by
 /// [`MAX_CHUNK_SIZE`].
 pub const MAX_RESPONSE_FRAME: usize = (MAX_CHUNK_SIZE as usize) + 64 * 1024;
-
-/// Codec limits of the blob protocol: request frames, and response heads.
-pub fn codec_limits() -> CodecLimits {
-    CodecLimits::new(MAX_REQUEST_FRAME, MAX_RESPONSE_FRAME)
-}
 
 /// SHA-256 of a blob's bytes, its name everywhere in the mesh.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -382,6 +375,12 @@ enum HeadBody {
 /// buffer that is handed on.
 async fn read_response<R: AsyncRead + Unpin + Send>(io: &mut R) -> io::Result<BlobResponse> {
     let head: ResponseHead = read_frame(io, MAX_RESPONSE_FRAME).await?;
+    if head.v != BLOB_WIRE_VERSION {
+        return Err(invalid(format!(
+            "unsupported blob response version {}",
+            head.v
+        )));
+    }
     let body = match head.body {
         HeadBody::Manifest(m) => ResponseBody::Manifest(m),
         HeadBody::Chunk { index, len } => {
@@ -634,6 +633,19 @@ mod tests {
         let mut longer = bytes.clone();
         longer.push(0);
         assert!(decode_response(&longer).is_err());
+    }
+
+    #[test]
+    fn other_response_versions_are_refused_before_their_bytes() {
+        let res = BlobResponse {
+            v: 1,
+            body: ResponseBody::Chunk {
+                index: 0,
+                data: vec![9; 16],
+            },
+        };
+        let err = decode_response(&encode_response(&res).unwrap()).unwrap_err();
+        assert!(err.to_string().contains("version 1"), "{err}");
     }
 
     proptest! {

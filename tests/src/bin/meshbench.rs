@@ -76,6 +76,22 @@ struct Options {
 }
 
 impl Options {
+    /// The parts left out, for the header: empty when everything runs.
+    fn parts(&self) -> String {
+        let parts: Vec<&str> = [
+            (self.blob, "blob"),
+            (self.gossip, "gossip"),
+            (self.memory, "memory"),
+        ]
+        .iter()
+        .filter_map(|(on, name)| on.then_some(*name))
+        .collect();
+        match parts.len() {
+            3 => String::new(),
+            _ => format!(", only {}", parts.join(",")),
+        }
+    }
+
     fn from_args() -> Result<Self> {
         let mut quick = false;
         let mut only: Option<String> = None;
@@ -92,9 +108,16 @@ impl Options {
             }
         }
         let parts: Vec<&str> = match &only {
-            Some(list) => list.split(',').map(str::trim).collect(),
+            Some(list) => list
+                .split(',')
+                .map(str::trim)
+                .filter(|p| !p.is_empty())
+                .collect(),
             None => vec!["blob", "gossip", "memory"],
         };
+        if parts.is_empty() {
+            bail!("--only names no part ({USAGE})");
+        }
         if let Some(bad) = parts
             .iter()
             .find(|p| !["blob", "gossip", "memory"].contains(p))
@@ -816,8 +839,9 @@ fn machine_header(opts: &Options) -> Result<String> {
     s.push_str(&bench::machine_lines()?);
     writeln!(
         s,
-        "mode      {} ({} MiB blob x {ROUNDS} rounds, {} gossip messages {} ms apart)",
+        "mode      {}{} ({} MiB blob x {ROUNDS} rounds, {} gossip messages {} ms apart)",
         if opts.quick { "--quick" } else { "full" },
+        opts.parts(),
         opts.blob_bytes / MIB,
         opts.gossip_messages,
         PUBLISH_GAP.as_millis()
