@@ -15,7 +15,9 @@
 //! buffer: the provider writes them from the buffer it read from disk, and the
 //! fetcher reads them into the buffer it hashes and writes.
 
-use crate::codec::{decode_frame, encode_frame, invalid, read_frame, too_large, write_frame};
+use crate::codec::{
+    decode_frame, encode_frame, invalid, put_frame, read_frame, too_large, write_frame,
+};
 use futures::{io::Cursor, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, FutureExt};
 use libp2p::{request_response, StreamProtocol};
 use serde::{Deserialize, Serialize};
@@ -398,18 +400,14 @@ async fn read_response<R: AsyncRead + Unpin + Send>(io: &mut R) -> io::Result<Bl
     Ok(BlobResponse { v: head.v, body })
 }
 
-/// Writes one response: the head frame in one write, then a chunk's bytes from
-/// the buffer they were read into.
+/// Writes one response: the head frame, then a chunk's bytes from the buffer they
+/// were read into.
 async fn write_response<W: AsyncWrite + Unpin + Send>(
     io: &mut W,
     res: BlobResponse,
 ) -> io::Result<()> {
     let (head, payload) = res.into_wire()?;
-    let head = encode_frame(&head, MAX_RESPONSE_FRAME)?;
-    let mut frame = Vec::with_capacity(4 + head.len());
-    frame.extend_from_slice(&(head.len() as u32).to_be_bytes());
-    frame.extend_from_slice(&head);
-    io.write_all(&frame).await?;
+    put_frame(io, &head, MAX_RESPONSE_FRAME).await?;
     if !payload.is_empty() {
         io.write_all(&payload).await?;
     }

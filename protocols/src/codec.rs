@@ -100,7 +100,8 @@ where
     decode_frame(&buf, limit)
 }
 
-pub(crate) async fn write_frame<T, W>(io: &mut W, value: &T, limit: usize) -> io::Result<()>
+/// Writes one length-prefixed frame and leaves the stream open (more may follow).
+pub(crate) async fn put_frame<T, W>(io: &mut W, value: &T, limit: usize) -> io::Result<()>
 where
     T: Serialize,
     W: AsyncWrite + Unpin + Send,
@@ -108,7 +109,16 @@ where
     let body = encode_frame(value, limit)?;
     let len = u32::try_from(body.len()).map_err(|_| too_large(body.len(), limit))?;
     io.write_all(&len.to_be_bytes()).await?;
-    io.write_all(&body).await?;
+    io.write_all(&body).await
+}
+
+/// Writes one length-prefixed frame and closes the stream.
+pub(crate) async fn write_frame<T, W>(io: &mut W, value: &T, limit: usize) -> io::Result<()>
+where
+    T: Serialize,
+    W: AsyncWrite + Unpin + Send,
+{
+    put_frame(io, value, limit).await?;
     io.close().await
 }
 
