@@ -7,6 +7,7 @@
 #
 #   scripts/kvbench.sh                 # 10 s per run
 #   DURATION=30s scripts/kvbench.sh
+#   AGENTMESH_BIN=/path/to/agentmesh scripts/kvbench.sh   # another build, for an A/B
 set -euo pipefail
 
 DURATION=${DURATION:-10s}
@@ -15,8 +16,12 @@ cd "$(dirname "$0")/.."
 for tool in etcd wrk curl; do
   command -v "$tool" >/dev/null || { echo "kvbench needs $tool (apt-get install etcd-server wrk curl)" >&2; exit 1; }
 done
-cargo build --release --locked -q -p agentmesh
-BIN=$PWD/target/release/agentmesh
+if [ -n "${AGENTMESH_BIN:-}" ]; then
+  BIN=$(realpath "$AGENTMESH_BIN")
+else
+  cargo build --release --locked -q -p agentmesh
+  BIN=$PWD/target/release/agentmesh
+fi
 DIR=$(mktemp -d -t agentmesh-kvbench.XXXXXX)
 PIDS=()
 cleanup() {

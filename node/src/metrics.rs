@@ -19,6 +19,10 @@ pub struct Metrics {
     pub non_member_refusals: IntCounter,
     /// Raft frames not sent because their caller gave up while the peer was being dialled.
     pub raft_frames_expired: IntCounter,
+    /// Raft calls made (Raft RPCs, forwarded requests, joins).
+    pub raft_calls: IntCounter,
+    /// Raft streams opened; the other calls reused an idle one.
+    pub raft_streams_opened: IntCounter,
     /// Blob chunks fetched and verified.
     pub blob_chunks_fetched: IntCounter,
     /// Blob chunks that failed verification.
@@ -82,6 +86,16 @@ impl Metrics {
                 &r,
                 "agentmesh_raft_frames_expired_total",
                 "Raft frames not sent because their caller gave up while the peer was being dialled",
+            )?,
+            raft_calls: counter(
+                &r,
+                "agentmesh_raft_calls_total",
+                "Raft calls made (Raft RPCs, forwarded requests, joins)",
+            )?,
+            raft_streams_opened: counter(
+                &r,
+                "agentmesh_raft_streams_opened_total",
+                "Raft streams opened; the other calls reused an idle one",
             )?,
             blob_chunks_fetched: counter(
                 &r,

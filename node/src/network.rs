@@ -11,7 +11,6 @@ use crate::{
 };
 use agentmesh_protocols::{
     blob::{BlobHash, BlobRequest, BlobResponse, ResponseBody},
-    raft::RaftFrame,
     topic_score_params, Envelope, Kind, MeshBehaviour, MeshBehaviourEvent, MeshConfig,
     IDENTIFY_PROTOCOL_VERSION, MAX_ENVELOPE_SIZE, NON_MEMBER_SCORE,
 };
@@ -147,20 +146,6 @@ pub struct InboundBlobRequest {
     pub channel: request_response::ResponseChannel<BlobResponse>,
 }
 
-/// A Raft protocol request from a peer, waiting for the cluster's answer.
-pub struct InboundRaftRequest {
-    /// Who asks (authenticated by the connection).
-    pub peer: PeerId,
-    /// The encoded request.
-    pub frame: Vec<u8>,
-    /// Where the answer goes.
-    pub channel: request_response::ResponseChannel<RaftFrame>,
-}
-
-/// Depth of the queue of inbound Raft requests; when full, requests are dropped
-/// (the sender sees a failed RPC and retries, as after any network fault).
-pub const INBOUND_RAFT_QUEUE: usize = 1024;
-
 /// This node's view of itself.
 #[derive(Debug, Clone, Serialize)]
 pub struct NetworkStatus {
@@ -204,14 +189,12 @@ pub struct TopicInfo {
 
 type Reply<T> = oneshot::Sender<T>;
 
-/// Raft frames that may wait for a dial to one peer, at most; past it a request fails at once.
+/// Raft calls that may wait for a dial to one peer, at most; past it a call fails at once.
 const MAX_WAITING_RAFT: usize = 256;
 
-/// A Raft frame waiting for a connection to its peer.
-struct WaitingRaft {
-    frame: Vec<u8>,
-    reply: Reply<Result<Vec<u8>, NetworkError>>,
-}
+/// A Raft call waiting for a connection to its peer; its frame is sent only if the caller
+/// still waits when the connection is up.
+type WaitingRaft = Reply<Result<(), NetworkError>>;
 
 /// Requests to the swarm task.
 pub enum Command {
@@ -238,15 +221,8 @@ pub enum Command {
         request_response::ResponseChannel<BlobResponse>,
         BlobResponse,
     ),
-    /// Send a Raft protocol request, dialling `Vec<Multiaddr>` if not connected.
-    RaftRequest(
-        PeerId,
-        Vec<Multiaddr>,
-        Vec<u8>,
-        Reply<Result<Vec<u8>, NetworkError>>,
-    ),
-    /// Answer an inbound Raft protocol request.
-    RaftRespond(request_response::ResponseChannel<RaftFrame>, Vec<u8>),
+    /// Connect to a member for Raft, dialling `Vec<Multiaddr>` if not connected.
+    RaftConnect(PeerId, Vec<Multiaddr>, Reply<Result<(), NetworkError>>),
     /// Own status.
     Status(Reply<NetworkStatus>),
     /// Every known peer.
@@ -260,6 +236,7 @@ pub enum Command {
 pub struct NetworkHandle {
     tx: mpsc::Sender<Command>,
     local_peer_id: PeerId,
+    streams: libp2p_stream::Control,
 }
 
 impl NetworkHandle {
@@ -320,23 +297,19 @@ impl NetworkHandle {
     ) {
         let _ = self.tx.send(Command::BlobRespond(channel, response)).await;
     }
-    /// Sends a Raft protocol request to `peer` (dialling `addrs` if needed).
-    pub async fn raft_request(
+    /// Returns once this node is connected to `peer`, dialling `addrs` if needed. Raft
+    /// messages then go on streams of their own (`raft/streams.rs`).
+    pub async fn raft_connect(
         &self,
         peer: PeerId,
         addrs: Vec<Multiaddr>,
-        frame: Vec<u8>,
-    ) -> Result<Vec<u8>, NetworkError> {
-        self.call(|r| Command::RaftRequest(peer, addrs, frame, r))
-            .await?
+    ) -> Result<(), NetworkError> {
+        self.call(|r| Command::RaftConnect(peer, addrs, r)).await?
     }
-    /// Answers an inbound Raft protocol request.
-    pub async fn raft_respond(
-        &self,
-        channel: request_response::ResponseChannel<RaftFrame>,
-        frame: Vec<u8>,
-    ) {
-        let _ = self.tx.send(Command::RaftRespond(channel, frame)).await;
+    /// Opens and accepts streams of protocols the node drives itself (Raft), bypassing this
+    /// task once a connection is up.
+    pub fn stream_control(&self) -> libp2p_stream::Control {
+        self.streams.clone()
     }
     /// Own status.
     pub async fn status(&self) -> Result<NetworkStatus, NetworkError> {
@@ -372,8 +345,6 @@ pub struct NetworkParams {
     pub events: broadcast::Sender<NodeEvent>,
     /// Where inbound blob requests go.
     pub inbound_blobs: mpsc::Sender<InboundBlobRequest>,
-    /// Where inbound Raft protocol requests go.
-    pub inbound_raft: mpsc::Sender<InboundRaftRequest>,
 }
 
 /// Readiness facts the node's `/readyz` uses.
@@ -479,6 +450,7 @@ pub fn spawn(
         .into_iter()
         .map(|(peer, rec)| (peer, parse_addrs(&rec.addrs)))
         .collect();
+    let streams = swarm.behaviour().streams.new_control();
     let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
     let (ready_tx, ready_rx) = watch::channel(Readiness::default());
     let mut task = Task {
@@ -489,7 +461,6 @@ pub fn spawn(
         metrics: params.metrics,
         events: params.events,
         inbound_blobs: params.inbound_blobs,
-        inbound_raft: params.inbound_raft,
         bootstrap: params
             .bootstrap
             .into_iter()
@@ -505,14 +476,21 @@ pub fn spawn(
         subscriptions: HashMap::new(),
         pending_providers: HashMap::new(),
         pending_blob: HashMap::new(),
-        pending_raft: HashMap::new(),
         waiting_raft: HashMap::new(),
         kad_bootstrapped: false,
         members: None,
         strangers: HashMap::new(),
     };
     let join = tokio::spawn(async move { task.run().await });
-    Ok((NetworkHandle { tx, local_peer_id }, ready_rx, join))
+    Ok((
+        NetworkHandle {
+            tx,
+            local_peer_id,
+            streams,
+        },
+        ready_rx,
+        join,
+    ))
 }
 
 /// Exponential redial backoff of one peer or bootstrap address.
@@ -570,7 +548,6 @@ struct Task {
     metrics: Arc<Metrics>,
     events: broadcast::Sender<NodeEvent>,
     inbound_blobs: mpsc::Sender<InboundBlobRequest>,
-    inbound_raft: mpsc::Sender<InboundRaftRequest>,
     bootstrap: Vec<(Multiaddr, Backoff)>,
     bootstrap_dials: HashMap<ConnectionId, usize>,
     pending_listeners: HashSet<libp2p::core::transport::ListenerId>,
@@ -586,10 +563,8 @@ struct Task {
     pending_providers: HashMap<kad::QueryId, ProviderQuery>,
     pending_blob:
         HashMap<request_response::OutboundRequestId, Reply<Result<BlobResponse, NetworkError>>>,
-    pending_raft:
-        HashMap<request_response::OutboundRequestId, Reply<Result<Vec<u8>, NetworkError>>>,
-    /// Raft frames for peers being dialled, sent once the connection is up unless their
-    /// caller has given up by then (see [`Task::raft_request`]).
+    /// Raft calls to peers being dialled, answered once the connection is up unless their
+    /// caller has given up by then (see [`Task::raft_connect`]).
     waiting_raft: HashMap<PeerId, Vec<WaitingRaft>>,
     kad_bootstrapped: bool,
     /// The cluster's members, when this node is in one: the only peers served gossip, blobs
@@ -840,17 +815,7 @@ impl Task {
                 let id = self.swarm.behaviour_mut().blob.send_request(&peer, request);
                 self.pending_blob.insert(id, reply);
             }
-            Command::RaftRequest(peer, addrs, frame, reply) => {
-                self.raft_request(peer, addrs, frame, reply)
-            }
-            Command::RaftRespond(channel, frame) => {
-                // Fails only if the requester has gone away; nothing to do then.
-                let _ = self
-                    .swarm
-                    .behaviour_mut()
-                    .raft
-                    .send_response(channel, RaftFrame(frame));
-            }
+            Command::RaftConnect(peer, addrs, reply) => self.raft_connect(peer, addrs, reply),
             Command::BlobRespond(channel, response) => {
                 if let ResponseBody::Chunk { data, .. } = &response.body {
                     self.metrics.blob_bytes_served.inc_by(data.len() as u64);
@@ -1120,7 +1085,7 @@ impl Task {
             MeshBehaviourEvent::Kad(ev) => self.on_kad_event(ev),
             MeshBehaviourEvent::Gossipsub(ev) => self.on_gossip_event(ev),
             MeshBehaviourEvent::Blob(ev) => self.on_blob_event(ev),
-            MeshBehaviourEvent::Raft(ev) => self.on_raft_event(ev),
+            MeshBehaviourEvent::Streams(()) => {}
             _ => {}
         }
     }
@@ -1364,29 +1329,29 @@ impl Task {
         }
     }
 
-    /// Sends a Raft frame to `peer`. A peer without a connection is dialled first and the
-    /// frame waits here, not in request-response's own queue: a dial can take seconds (a QUIC
-    /// handshake to a node that is down retries until it is back up), and a vote, an append or
-    /// a forwarded write delivered long after its caller gave up would act on a state the
-    /// caller has moved on from. So once the connection is up, only the frames whose caller
-    /// still waits are sent; a failed dial fails them all.
-    fn raft_request(
+    /// Connects to `peer` for a Raft call. A peer without a connection is dialled here, with
+    /// the member's known addresses, and the call waits here rather than in a queue of the
+    /// stream behaviour: a dial can take seconds (a QUIC handshake to a node that is down
+    /// retries until it is back up), and a vote, an append or a forwarded write delivered
+    /// long after its caller gave up would act on a state the caller has moved on from. So
+    /// once the connection is up, only calls whose caller still waits go on to send their
+    /// frame; a failed dial fails them all.
+    fn raft_connect(
         &mut self,
         peer: PeerId,
         addrs: Vec<Multiaddr>,
-        frame: Vec<u8>,
-        reply: Reply<Result<Vec<u8>, NetworkError>>,
+        reply: Reply<Result<(), NetworkError>>,
     ) {
         for addr in &addrs {
             self.swarm.add_peer_address(peer, addr.clone());
         }
         if self.swarm.is_connected(&peer) {
-            self.send_raft(peer, frame, reply);
+            let _ = reply.send(Ok(()));
             return;
         }
         let waiting = self.waiting_raft.entry(peer).or_default();
         let before = waiting.len();
-        waiting.retain(|w| !w.reply.is_closed());
+        waiting.retain(|w| !w.is_closed());
         self.metrics
             .raft_frames_expired
             .inc_by((before - waiting.len()) as u64);
@@ -1397,7 +1362,7 @@ impl Task {
             }));
             return;
         }
-        waiting.push(WaitingRaft { frame, reply });
+        waiting.push(reply);
         let dial = DialOpts::peer_id(peer)
             .condition(PeerCondition::DisconnectedAndNotDialing)
             .addresses(addrs)
@@ -1409,91 +1374,27 @@ impl Task {
         }
     }
 
-    fn send_raft(
-        &mut self,
-        peer: PeerId,
-        frame: Vec<u8>,
-        reply: Reply<Result<Vec<u8>, NetworkError>>,
-    ) {
-        let id = self
-            .swarm
-            .behaviour_mut()
-            .raft
-            .send_request(&peer, RaftFrame(frame));
-        self.pending_raft.insert(id, reply);
-    }
-
-    /// A connection to `peer` is up: its waiting Raft frames go out, but only those whose
+    /// A connection to `peer` is up: its waiting Raft calls go on, but only those whose
     /// caller still waits.
     fn flush_waiting_raft(&mut self, peer: PeerId) {
         for w in self.waiting_raft.remove(&peer).unwrap_or_default() {
-            if w.reply.is_closed() {
+            if w.is_closed() {
                 self.metrics.raft_frames_expired.inc();
             } else {
-                self.send_raft(peer, w.frame, w.reply);
+                let _ = w.send(Ok(()));
             }
         }
     }
 
     fn fail_waiting_raft(&mut self, peer: PeerId, reason: &str) {
         for w in self.waiting_raft.remove(&peer).unwrap_or_default() {
-            if w.reply.is_closed() {
+            if w.is_closed() {
                 self.metrics.raft_frames_expired.inc();
             }
-            let _ = w.reply.send(Err(NetworkError::Unreachable {
+            let _ = w.send(Err(NetworkError::Unreachable {
                 peer,
                 reason: reason.to_string(),
             }));
-        }
-    }
-
-    fn on_raft_event(&mut self, event: request_response::Event<RaftFrame, RaftFrame>) {
-        match event {
-            request_response::Event::Message { peer, message, .. } => match message {
-                request_response::Message::Request {
-                    request, channel, ..
-                } => {
-                    let inbound = InboundRaftRequest {
-                        peer,
-                        frame: request.0,
-                        channel,
-                    };
-                    // Dropping the channel when the queue is full fails the RPC at
-                    // the sender, which retries as after any network fault.
-                    if self.inbound_raft.try_send(inbound).is_err() {
-                        tracing::debug!(%peer, "raft request queue full; dropping");
-                    }
-                }
-                request_response::Message::Response {
-                    request_id,
-                    response,
-                } => {
-                    if let Some(reply) = self.pending_raft.remove(&request_id) {
-                        let _ = reply.send(Ok(response.0));
-                    }
-                }
-            },
-            request_response::Event::OutboundFailure {
-                peer,
-                request_id,
-                error,
-                ..
-            } => {
-                if let Some(reply) = self.pending_raft.remove(&request_id) {
-                    let reason = error.to_string();
-                    let e = match error {
-                        request_response::OutboundFailure::DialFailure => {
-                            NetworkError::Unreachable { peer, reason }
-                        }
-                        _ => NetworkError::Request { peer, reason },
-                    };
-                    let _ = reply.send(Err(e));
-                }
-            }
-            request_response::Event::InboundFailure { peer, error, .. } => {
-                tracing::debug!(%peer, %error, "inbound raft request failed");
-            }
-            request_response::Event::ResponseSent { .. } => {}
         }
     }
 }

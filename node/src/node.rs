@@ -8,7 +8,7 @@ use crate::{
     identity,
     jobs::{Jobs, Training},
     metrics::Metrics,
-    network::{self, NetworkParams, INBOUND_BLOB_QUEUE, INBOUND_RAFT_QUEUE},
+    network::{self, NetworkParams, INBOUND_BLOB_QUEUE},
     peers::PeerStore,
     raft::{self as raft_glue, Entry, MeshTransport},
     sealing::{self, Sealer},
@@ -71,7 +71,6 @@ pub async fn run(config: NodeConfig) -> Result<()> {
     )?);
     let (events, _) = broadcast::channel(EVENT_BUFFER);
     let (inbound_tx, inbound_rx) = mpsc::channel(INBOUND_BLOB_QUEUE);
-    let (raft_tx, raft_rx) = mpsc::channel(INBOUND_RAFT_QUEUE);
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
 
     let (net, mut readiness, net_task) = network::spawn(
@@ -84,10 +83,16 @@ pub async fn run(config: NodeConfig) -> Result<()> {
             metrics: metrics.clone(),
             events: events.clone(),
             inbound_blobs: inbound_tx,
-            inbound_raft: raft_tx,
         },
         shutdown_rx.clone(),
     )?;
+    // Registered before the Raft node starts. Until `raft_glue::serve` takes them, one early
+    // stream waits and others are dropped unread; their callers see that before sending
+    // anything and try again.
+    let raft_streams = net
+        .stream_control()
+        .accept(agentmesh_protocols::raft::PROTOCOL)
+        .context("registering the Raft protocol")?;
     tokio::spawn(blobs::serve(
         store.clone(),
         net.clone(),
@@ -118,11 +123,11 @@ pub async fn run(config: NodeConfig) -> Result<()> {
             cluster_key,
         },
         config.raft.clone(),
-        Arc::new(MeshTransport::new(net.clone())),
+        Arc::new(MeshTransport::new(net.clone(), metrics.clone())),
     )
     .await
     .context("starting the Raft node")?;
-    tokio::spawn(raft_glue::serve(cluster.clone(), net.clone(), raft_rx));
+    tokio::spawn(raft_glue::serve(cluster.clone(), raft_streams));
     let sealer = Arc::new(
         Sealer::load_or_create(&config.data_dir, peer_id.to_string(), cluster.node_id())
             .context("loading the sealing keys")?,
@@ -234,6 +239,9 @@ pub async fn run(config: NodeConfig) -> Result<()> {
             .await
     });
 
+    // Before anyone can know we are up: scripts and tests stop a node as soon as they read
+    // its runtime file.
+    let mut signals = Signals::install()?;
     write_runtime_file(
         &runtime_file,
         &json!({
@@ -247,7 +255,7 @@ pub async fn run(config: NodeConfig) -> Result<()> {
     tracing::info!(%peer_id, name = %config.name, api = %api_addr, ?listen_addrs, "node ready");
 
     let fatal = tokio::select! {
-        r = wait_for_signal() => { r?; None }
+        () = signals.wait() => None,
         Some(msg) = fatal_rx.recv() => Some(msg),
     };
     tracing::info!("shutting down");
@@ -339,15 +347,28 @@ fn write_runtime_file(path: &Path, value: &serde_json::Value) -> Result<()> {
     Ok(())
 }
 
-async fn wait_for_signal() -> Result<()> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+/// SIGTERM and SIGINT, caught from the moment this is built: a signal that arrives before
+/// anyone waits is kept, not left to its default action (which ends the process at once).
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> Result<Self> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Self {
+            term: signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
+            int: signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
+        })
     }
-    Ok(())
+
+    async fn wait(&mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
+        }
+    }
 }
 
 /// Reads the cluster key (see [`check_secret_file`] for the permissions it needs).

@@ -1,9 +1,10 @@
-//! The node's side of consensus: Raft messages over the mesh (`/agentmesh/raft/1.0.0`), the
-//! server that hands inbound ones to the cluster, and how a node enters a cluster at start
-//! (found, join with a token, or come back as itself).
+//! The node's side of consensus: Raft messages over the mesh (`/agentmesh/raft/2.0.0`, on
+//! long-lived streams: `raft/streams.rs`), and how a node enters a cluster at start (found,
+//! join with a token, or come back as itself).
 
 use crate::{
-    network::{InboundRaftRequest, NetworkError, NetworkHandle},
+    metrics::Metrics,
+    network::{NetworkError, NetworkHandle},
     peers::PeerStatus,
 };
 use agentmesh_consensus::{
@@ -11,10 +12,10 @@ use agentmesh_consensus::{
 };
 use libp2p::{identity::PublicKey, Multiaddr, PeerId};
 use std::{sync::Arc, time::Duration};
-use tokio::sync::{mpsc, Semaphore};
 
-/// Inbound Raft requests handled at once; more wait in the queue.
-const MAX_CONCURRENT_RPCS: usize = 256;
+mod streams;
+
+pub use streams::serve;
 /// Pause between attempts to join (or rejoin) while no member answers.
 const JOIN_RETRY: Duration = Duration::from_secs(1);
 /// Pause between rounds of greeting peers while waiting to found or join by cluster key.
@@ -22,24 +23,26 @@ const KEY_RETRY: Duration = Duration::from_millis(500);
 
 /// Raft's [`Transport`] over the libp2p mesh.
 pub struct MeshTransport {
-    net: NetworkHandle,
+    streams: streams::RaftStreams,
 }
 
 impl MeshTransport {
     /// A transport sending through `net`.
-    pub fn new(net: NetworkHandle) -> Self {
-        Self { net }
+    pub fn new(net: NetworkHandle, metrics: Arc<Metrics>) -> Self {
+        Self {
+            streams: streams::RaftStreams::new(net, metrics),
+        }
     }
 }
 
 impl Transport for MeshTransport {
     fn call(&self, target: &RaftNode, request: Vec<u8>, timeout: Duration) -> CallFuture {
-        let net = self.net.clone();
+        let streams = self.streams.clone();
         let peer = target.peer_id.parse::<PeerId>();
         let addrs: Vec<Multiaddr> = target.addrs.iter().filter_map(|a| a.parse().ok()).collect();
         Box::pin(async move {
             let peer = peer.map_err(|e| TransportError::Other(format!("bad peer id: {e}")))?;
-            match tokio::time::timeout(timeout, net.raft_request(peer, addrs, request)).await {
+            match tokio::time::timeout(timeout, streams.call(peer, addrs, &request)).await {
                 Err(_) => Err(TransportError::Timeout(timeout)),
                 Ok(Ok(reply)) => Ok(reply),
                 Ok(Err(e @ NetworkError::Unreachable { .. })) => {
@@ -60,34 +63,6 @@ pub fn peer_public_key(peer: &PeerId) -> Option<[u8; 32]> {
     }
     let key = PublicKey::try_decode_protobuf(hash.digest()).ok()?;
     Some(key.try_into_ed25519().ok()?.to_bytes())
-}
-
-/// Answers inbound Raft requests until the queue closes.
-pub async fn serve(
-    cluster: Cluster,
-    net: NetworkHandle,
-    mut inbound: mpsc::Receiver<InboundRaftRequest>,
-) {
-    let permits = Arc::new(Semaphore::new(MAX_CONCURRENT_RPCS));
-    while let Some(req) = inbound.recv().await {
-        let Ok(permit) = permits.clone().acquire_owned().await else {
-            break;
-        };
-        let cluster = cluster.clone();
-        let net = net.clone();
-        tokio::spawn(async move {
-            let _permit = permit;
-            let Some(key) = peer_public_key(&req.peer) else {
-                // Not an Ed25519 identity: cannot be a member. Dropping the channel refuses it.
-                tracing::debug!(peer = %req.peer, "raft request from a non-Ed25519 peer");
-                return;
-            };
-            let reply = cluster
-                .handle_rpc(&req.peer.to_string(), &key, &req.frame)
-                .await;
-            net.raft_respond(req.channel, reply).await;
-        });
-    }
 }
 
 /// How this node enters a cluster.

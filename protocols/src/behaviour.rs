@@ -1,6 +1,6 @@
 //! The one behaviour that composes every protocol a node speaks.
 
-use crate::{blob, envelope::Envelope, raft, MAX_ENVELOPE_SIZE};
+use crate::{blob, envelope::Envelope, MAX_ENVELOPE_SIZE};
 use libp2p::{
     connection_limits, gossipsub, identify,
     identity::Keypair,
@@ -33,8 +33,6 @@ pub struct MeshConfig {
     max_provided_keys: usize,
     blob_request_timeout: Duration,
     max_streams_per_connection: usize,
-    raft_request_timeout: Duration,
-    max_raft_streams_per_connection: usize,
     max_established: u32,
     max_established_per_peer: u32,
     max_pending_incoming: u32,
@@ -68,12 +66,6 @@ impl Default for MeshConfig {
             // per provider; each open stream can pin a response of up to 4 MiB
             // until it is read, so this bounds what one peer can make us hold.
             max_streams_per_connection: 16,
-            // Raft bounds each RPC itself (heartbeats, appends, snapshot chunks);
-            // this only reclaims a stream whose peer went silent.
-            raft_request_timeout: Duration::from_secs(30),
-            // Forwarded client requests share the leader's connection with Raft's
-            // own traffic: 64 concurrent clients on one follower must not queue.
-            max_raft_streams_per_connection: 512,
             max_established: 1024,
             // A TCP and a QUIC connection may race when two peers dial each other.
             max_established_per_peer: 2,
@@ -132,8 +124,10 @@ pub struct MeshBehaviour {
     pub gossipsub: gossipsub::Behaviour,
     /// Manifest and chunk transfer.
     pub blob: request_response::Behaviour<blob::BlobCodec>,
-    /// Raft RPCs, forwarded client requests and join requests.
-    pub raft: request_response::Behaviour<raft::RaftCodec>,
+    /// Long-lived streams for Raft RPCs, forwarded client requests and join requests
+    /// (`raft::PROTOCOL`): the node reads and writes them from its own tasks, not through
+    /// the swarm task (`node/src/raft/streams.rs`).
+    pub streams: libp2p_stream::Behaviour,
 }
 
 /// Gossip message id: the envelope's content hash when the data is a valid
@@ -271,15 +265,6 @@ impl MeshBehaviour {
                 .with_max_concurrent_streams(config.max_streams_per_connection),
         );
 
-        // Raft's own timeouts (per RPC) are shorter; this only bounds a stuck stream.
-        let raft = request_response::Behaviour::with_codec(
-            raft::codec(),
-            [(raft::PROTOCOL, request_response::ProtocolSupport::Full)],
-            request_response::Config::default()
-                .with_request_timeout(config.raft_request_timeout)
-                .with_max_concurrent_streams(config.max_raft_streams_per_connection),
-        );
-
         let limits = connection_limits::Behaviour::new(
             connection_limits::ConnectionLimits::default()
                 .with_max_established(Some(config.max_established))
@@ -294,7 +279,7 @@ impl MeshBehaviour {
             kad,
             gossipsub,
             blob,
-            raft,
+            streams: libp2p_stream::Behaviour::new(),
         })
     }
 }

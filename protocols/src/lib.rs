@@ -15,8 +15,8 @@
 //!   model-copy notices (JSON, size-limited).
 //! - [`seal`]: per-peer sealing of private data (model updates): X25519 pair keys through
 //!   HKDF, XChaCha20-Poly1305, one data key wrapped for each recipient.
-//! - [`raft`]: the Raft protocol (`/agentmesh/raft/1.0.0`), opaque frames between
-//!   cluster members.
+//! - [`raft`]: the Raft protocol (`/agentmesh/raft/2.0.0`), opaque frames between
+//!   cluster members on long-lived streams.
 //!
 //! # Usage
 //!

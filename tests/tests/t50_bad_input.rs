@@ -368,3 +368,50 @@ async fn an_outsider_cannot_drive_raft() -> Result<()> {
     assert!(node.is_ready().await);
     Ok(())
 }
+
+/// Garbage on a Raft stream costs only that stream: a length claim past the frame limit
+/// closes it unread, and a frame that is no Raft message is refused while the stream stays
+/// usable (here for a second request, refused as an outsider's). The node stays ready.
+#[tokio::test(flavor = "multi_thread")]
+async fn garbage_on_a_raft_stream_is_refused_without_harm() -> Result<()> {
+    use agentmesh_protocols::raft as wire;
+    let root = tempfile::tempdir()?;
+    let node = Node::start(root.path(), "rs", &[]).await?;
+    wait_until(
+        "the node to found its cluster",
+        Duration::from_secs(20),
+        || async { Ok(node.is_ready().await) },
+    )
+    .await?;
+    let peer: PeerId = node.info.peer_id.parse()?;
+    let addr: Multiaddr = node.tcp_addr().parse()?;
+    let mut outsider = agentmesh_tests::raw_raft::RawRaftPeer::new(None)?;
+
+    let mut stream = outsider.stream(peer, addr.clone()).await?;
+    stream.write_all(&u32::MAX.to_be_bytes()).await?;
+    stream.flush().await?;
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut rest))
+        .await
+        .context("the node kept a stream announcing 4 GiB open")?;
+    assert!(
+        read.is_err() || rest.is_empty(),
+        "an over-limit frame got an answer: {rest:?}"
+    );
+
+    let mut stream = outsider.stream(peer, addr).await?;
+    let answer = wire::call(&mut stream, b"\xa1\xff not a raft message").await?;
+    let reason = agentmesh_consensus::refusal_reason(&answer).context("garbage was not refused")?;
+    assert!(!reason.is_empty());
+    let me = agentmesh_consensus::node_id_for(&outsider.peer_id().to_string());
+    let answer = wire::call(
+        &mut stream,
+        &agentmesh_consensus::hostile_vote_request(1_000_000, me),
+    )
+    .await?;
+    let reason = agentmesh_consensus::refusal_reason(&answer)
+        .context("the vote on a reused stream was not refused")?;
+    assert!(reason.contains("not a member"), "{reason}");
+    assert!(node.is_ready().await);
+    Ok(())
+}

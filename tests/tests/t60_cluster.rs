@@ -288,6 +288,44 @@ async fn kv_writes_from_any_node_survive_the_leader_being_killed() -> Result<()>
     Ok(())
 }
 
+/// A counter from a node's `/metrics`.
+async fn metric(node: &Node, name: &str) -> Result<u64> {
+    let text = node
+        .http()
+        .get(node.url("/metrics"))
+        .send()
+        .await?
+        .text()
+        .await?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .with_context(|| format!("no {name} in /metrics"))
+}
+
+/// Raft calls reuse their streams: a follower forwarding a hundred writes one after
+/// another to the leader opens a stream or two, not one per write.
+#[tokio::test(flavor = "multi_thread")]
+async fn raft_calls_reuse_their_streams() -> Result<()> {
+    let root = tempfile::tempdir()?;
+    let nodes = start_cluster(root.path(), "s", 3, &[]).await?;
+    let leader = agentmesh_tests::leader_index(&nodes).await?;
+    let follower = &nodes[(leader + 1) % nodes.len()];
+    let calls = metric(follower, "agentmesh_raft_calls_total").await?;
+    let opened = metric(follower, "agentmesh_raft_streams_opened_total").await?;
+    for i in 0..100 {
+        let (status, body) = follower.kv_put(&format!("r{i}"), &json!(i), None).await?;
+        assert_eq!(status, 200, "{body}");
+    }
+    let calls = metric(follower, "agentmesh_raft_calls_total").await? - calls;
+    let opened = metric(follower, "agentmesh_raft_streams_opened_total").await? - opened;
+    assert!(calls >= 100, "{calls} raft calls for 100 forwarded writes");
+    assert!(
+        opened <= 5,
+        "{opened} raft streams opened for {calls} calls: streams are not reused"
+    );
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_node_leaving_gracefully_is_removed_and_can_come_back() -> Result<()> {
     let root = tempfile::tempdir()?;
