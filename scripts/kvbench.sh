@@ -3,11 +3,14 @@
 # cluster on 127.0.0.1, the same closed-loop load (wrk, one request in flight per
 # connection, a fresh key and a 256-byte value per request) at 1, 16 and 64
 # clients, sent to each cluster's leader. Prints writes/s and p50/p99 latency side
-# by side. Needs etcd (Debian: etcd-server) and wrk.
+# by side, with the CPU time the three members of each cluster used per write
+# (user + system, all three processes). Needs etcd (Debian: etcd-server) and wrk.
 #
 #   scripts/kvbench.sh                 # 10 s per run
 #   DURATION=30s scripts/kvbench.sh
 #   AGENTMESH_BIN=/path/to/agentmesh scripts/kvbench.sh   # another build, for an A/B
+#   CLIENTS="1 16" scripts/kvbench.sh
+#   KEEP=1 AGENTMESH_LOG=info scripts/kvbench.sh  # the nodes' RUST_LOG; keep their logs
 set -euo pipefail
 
 DURATION=${DURATION:-10s}
@@ -24,10 +27,12 @@ else
 fi
 DIR=$(mktemp -d -t agentmesh-kvbench.XXXXXX)
 PIDS=()
+ETCD_PIDS=()
+AM_PIDS=()
 cleanup() {
   for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
   wait 2>/dev/null || true
-  rm -rf "$DIR"
+  if [ -n "${KEEP:-}" ]; then echo "logs kept in $DIR" >&2; else rm -rf "$DIR"; fi
 }
 trap cleanup EXIT INT TERM
 
@@ -47,6 +52,7 @@ for i in 1 2 3; do
     --listen-client-urls "http://127.0.0.1:$((12370 + i))" --advertise-client-urls "http://127.0.0.1:$((12370 + i))" \
     --initial-cluster "$CLUSTER" --initial-cluster-state new --log-level error >"$DIR/etcd$i.log" 2>&1 &
   PIDS+=($!)
+  ETCD_PIDS+=($!)
 done
 etcd_leader=""
 for _ in $(seq 300); do
@@ -70,27 +76,40 @@ for i in 1 2 3; do
     peer=$(sed -n 's/^ *"peer_id": "\(.*\)",$/\1/p' "$DIR/k1/node.json")
     args+=(--bootstrap "/ip4/127.0.0.1/tcp/12261/p2p/$peer" --join "$token")
   fi
-  RUST_LOG=warn "$BIN" "${args[@]}" >"$DIR/k$i.log" 2>&1 &
+  RUST_LOG=${AGENTMESH_LOG:-warn} "$BIN" "${args[@]}" >"$DIR/k$i.log" 2>&1 &
   PIDS+=($!)
+  AM_PIDS+=($!)
   wait_for "k$i" curl -fs "http://127.0.0.1:$((12270 + i))/readyz"
 done
 wait_for "three voters" sh -c "curl -fs http://127.0.0.1:12271/v1/cluster | grep -q '\"voters\":\[\"[0-9a-f]*\",\"[0-9a-f]*\",\"[0-9a-f]*\"\]'"
 
-run() { # url script clients -> "writes/s p50 p99"
-  local out
-  out=$(wrk -t "$(( $3 < 2 ? 1 : 2 ))" -c "$3" -d "$DURATION" --latency -s "$2" "$1" 2>&1)
+cpu_ticks() { # pids... -> user+system clock ticks used so far
+  local t=0 pid
+  for pid in "$@"; do t=$((t + $(awk '{print $14 + $15}' "/proc/$pid/stat"))); done
+  echo "$t"
+}
+
+run() { # url script clients pids... -> "writes/s p50 p99 cpu-µs-per-write"
+  local out url=$1 script=$2 clients=$3
+  shift 3
+  local t0
+  t0=$(cpu_ticks "$@")
+  out=$(wrk -t "$(( clients < 2 ? 1 : 2 ))" -c "$clients" -d "$DURATION" --latency -s "$script" "$url" 2>&1)
   if echo "$out" | grep -q "Non-2xx"; then echo "errors in run: $out" >&2; exit 1; fi
   local rps p50 p99
   rps=$(echo "$out" | awk '/Requests\/sec/ {printf "%.0f", $2}')
   p50=$(echo "$out" | awk '$1 == "50%" {print $2}')
   p99=$(echo "$out" | awk '$1 == "99%" {print $2}')
-  echo "$rps $p50 $p99"
+  local ticks requests
+  ticks=$(( $(cpu_ticks "$@") - t0 ))
+  requests=$(echo "$out" | awk '/requests in/ {print $1}')
+  echo "$rps $p50 $p99 $(awk -v t="$ticks" -v n="$requests" -v hz="$(getconf CLK_TCK)" 'BEGIN { printf "%.0f", t / hz * 1e6 / n }')"
 }
 
-printf "%-8s | %-26s | %-26s | %s\n" clients "agentmesh writes/s p50 p99" "etcd writes/s p50 p99" "ratio"
+printf "%-8s | %-35s | %-35s | %s\n" clients "agentmesh writes/s p50 p99 cpu/write" "etcd writes/s p50 p99 cpu/write" "ratio"
 for c in $CLIENTS; do
-  read -r a_rps a_p50 a_p99 < <(run "http://127.0.0.1:12271" scripts/bench/agentmesh_put.lua "$c")
-  read -r e_rps e_p50 e_p99 < <(run "http://$etcd_leader" scripts/bench/etcd_put.lua "$c")
+  read -r a_rps a_p50 a_p99 a_cpu < <(run "http://127.0.0.1:12271" scripts/bench/agentmesh_put.lua "$c" "${AM_PIDS[@]}")
+  read -r e_rps e_p50 e_p99 e_cpu < <(run "http://$etcd_leader" scripts/bench/etcd_put.lua "$c" "${ETCD_PIDS[@]}")
   ratio=$(awk -v a="$a_rps" -v e="$e_rps" 'BEGIN { printf "%.2fx", a / e }')
-  printf "%-8s | %8s %8s %8s | %8s %8s %8s | %s\n" "$c" "$a_rps" "$a_p50" "$a_p99" "$e_rps" "$e_p50" "$e_p99" "$ratio"
+  printf "%-8s | %8s %8s %8s %6sµs | %8s %8s %8s %6sµs | %s\n" "$c" "$a_rps" "$a_p50" "$a_p99" "$a_cpu" "$e_rps" "$e_p50" "$e_p99" "$e_cpu" "$ratio"
 done

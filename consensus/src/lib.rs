@@ -50,7 +50,7 @@ pub use state::{
     ClusterState, KvEntry, MAX_ISSUED_TOKENS, MAX_KEY_LEN, MAX_KV_BYTES, MAX_MEMBERS, MAX_NAME_LEN,
     MAX_VALUE_LEN,
 };
-pub use store::{flush_tree, Storage, MAX_SNAPSHOT_SIZE};
+pub use store::{flush_tree, Durable, Storage, MAX_SNAPSHOT_SIZE};
 pub use token::{
     JoinToken, TokenBody, TokenError, MAX_TOKEN_LEN, MAX_TOKEN_TTL_SECS, TOKEN_PREFIX,
 };

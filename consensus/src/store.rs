@@ -5,7 +5,9 @@
 //! - `append` writes the entries as one batch and reports them flushed only after a flush
 //!   that started after the write has completed. Flushes are group commits: one background
 //!   task flushes for every append that arrived while the previous flush ran, so concurrent
-//!   writers share an fsync instead of queueing for one each;
+//!   writers share a flush instead of queueing for one each;
+//! - a flush is [`Durable::flush`]: sled's own flush, then `fdatasync`, because sled's flush
+//!   alone does not survive a power cut (see there);
 //! - `save_vote` flushes before returning;
 //! - the state machine writes its data and `last_applied` in one atomic batch, so they never
 //!   disagree; it does not flush on its own: the log is the source of truth and entries lost from
@@ -17,11 +19,14 @@
 // type so `?` flows through without conversions.
 #![allow(clippy::result_large_err)]
 
+use std::collections::HashSet;
+use std::ffi::OsString;
 use std::fmt::Debug;
+use std::fs::File;
 use std::io::Cursor;
 use std::ops::{Bound, RangeBounds};
-use std::path::Path;
-use std::sync::{Arc, RwLock};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
 
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage, RaftStateMachine, Snapshot};
 use openraft::{
@@ -76,9 +81,107 @@ fn write_err(e: impl std::error::Error + 'static) -> StorageError<NodeId> {
     StorageIOError::write(&e).into()
 }
 
+/// Makes a sled database's writes durable. sled 0.34's `flush` writes its buffers and waits
+/// for the device to take them (`sync_file_range`), which is enough to survive the process
+/// being killed but not a power cut: it neither asks the device to empty its write cache nor
+/// syncs the file's length, and values sled keeps in files of their own (`blobs/`, items over
+/// ~128 KiB) are not synced at all. [`Durable::flush`] is sled's flush, then `fsync` of blob
+/// files not synced before (and of their directory), then `fdatasync` of the main file.
+#[derive(Clone)]
+pub struct Durable {
+    db: sled::Db,
+    file: Arc<File>,
+    blobs: Arc<BlobSync>,
+}
+
+/// Blob files already synced, so each is synced once.
+struct BlobSync {
+    dir: PathBuf,
+    synced: Mutex<HashSet<OsString>>,
+}
+
+impl Durable {
+    /// The database `db` opened at `dir` (sled keeps its log in `dir/db` and large values
+    /// in `dir/blobs/`). Syncs what is there now.
+    pub fn new(db: sled::Db, dir: &Path) -> std::io::Result<Self> {
+        let file = File::open(dir.join("db"))?;
+        let durable = Self {
+            db,
+            file: Arc::new(file),
+            blobs: Arc::new(BlobSync {
+                dir: dir.join("blobs"),
+                synced: Mutex::default(),
+            }),
+        };
+        durable.sync_blobs()?;
+        durable.file.sync_all()?;
+        Ok(durable)
+    }
+
+    /// The database.
+    pub fn db(&self) -> &sled::Db {
+        &self.db
+    }
+
+    /// Flushes everything written so far to stable storage. Blocks: call it from a blocking
+    /// thread, or through [`Durable::flush`].
+    pub fn flush_blocking(&self) -> Result<(), sled::Error> {
+        self.db.flush()?;
+        self.sync_blobs()?;
+        self.file.sync_data()?;
+        Ok(())
+    }
+
+    /// [`Durable::flush_blocking`] on a blocking thread. Not sled's `flush_async`: that waits
+    /// on sled's own small thread pool, and enough concurrent waiters (blob puts beside Raft
+    /// appends) fill the pool with threads blocked on log writes that need a pool thread to
+    /// finish: a deadlock.
+    pub async fn flush(&self) -> Result<(), sled::Error> {
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || this.flush_blocking())
+            .await
+            .map_err(|e| sled::Error::ReportableBug(format!("flush task: {e}")))?
+    }
+
+    /// Syncs blob files that appeared since the last call, then the directory that names
+    /// them. Names of files sled has since removed are forgotten.
+    fn sync_blobs(&self) -> std::io::Result<()> {
+        let entries = match std::fs::read_dir(&self.blobs.dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        let mut present = HashSet::new();
+        for entry in entries {
+            present.insert(entry?.file_name());
+        }
+        let mut synced = self.blobs.synced.lock().unwrap_or_else(|e| e.into_inner());
+        synced.retain(|name| present.contains(name));
+        let fresh: Vec<OsString> = present
+            .into_iter()
+            .filter(|name| !synced.contains(name))
+            .collect();
+        if fresh.is_empty() {
+            return Ok(());
+        }
+        for name in &fresh {
+            match File::open(self.blobs.dir.join(name)) {
+                Ok(f) => f.sync_all()?,
+                // Removed by sled since the listing: nothing to keep.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        File::open(&self.blobs.dir)?.sync_all()?;
+        synced.extend(fresh);
+        Ok(())
+    }
+}
+
 /// The persistent half of a Raft node: open it once per data dir.
 pub struct Storage {
     db: sled::Db,
+    durable: Durable,
 }
 
 impl Storage {
@@ -88,21 +191,22 @@ impl Storage {
             .path(dir)
             .mode(sled::Mode::HighThroughput)
             .open()?;
-        Ok(Self { db })
+        let durable = Durable::new(db.clone(), dir)?;
+        Ok(Self { db, durable })
     }
 
     /// The log store and the state machine, for `openraft::Raft::new`. Must be called
     /// within a tokio runtime (it starts the log's flusher task).
     pub fn split(&self) -> Result<(LogStore, StateMachineStore), StorageError<NodeId>> {
         let (flusher, queue) = tokio::sync::mpsc::channel(FLUSH_QUEUE);
-        tokio::spawn(group_commit(self.db.clone(), queue));
+        tokio::spawn(group_commit(self.durable.clone(), queue));
         let log = LogStore {
-            db: self.db.clone(),
+            durable: self.durable.clone(),
             log: self.db.open_tree("raft_log").map_err(read_err)?,
             meta: self.db.open_tree("raft_meta").map_err(read_err)?,
             flusher,
         };
-        let sm = StateMachineStore::open(&self.db)?;
+        let sm = StateMachineStore::open(&self.db, self.durable.clone())?;
         Ok((log, sm))
     }
 
@@ -120,7 +224,7 @@ impl Storage {
 
     /// Flushes everything to disk.
     pub fn flush(&self) -> Result<(), sled::Error> {
-        self.db.flush().map(|_| ())
+        self.durable.flush_blocking()
     }
 
     /// What this node promised while waiting to found (see `bootstrap.rs`). An unreadable
@@ -142,13 +246,15 @@ impl Storage {
         self.db
             .open_tree(BOOTSTRAP_TREE)?
             .insert(BOOTSTRAP_STATE, encode(state))?;
-        flush_tree(&self.db).await
+        self.durable.flush().await
     }
 }
 
-/// Flushes on a blocking thread. Not `flush_async`: that waits on sled's own small thread pool,
-/// and enough concurrent waiters (blob puts beside Raft appends) fill the pool with threads
-/// blocked on log writes that need a pool thread to finish: a deadlock.
+/// Flushes on a blocking thread, as far as sled's own flush goes: enough to survive the
+/// process being killed, not a power cut (see [`Durable`]). Not `flush_async`: that waits on
+/// sled's own small thread pool, and enough concurrent waiters (blob puts beside Raft appends)
+/// fill the pool with threads blocked on log writes that need a pool thread to finish: a
+/// deadlock.
 pub async fn flush_tree(tree: &sled::Tree) -> Result<(), sled::Error> {
     let tree = tree.clone();
     tokio::task::spawn_blocking(move || tree.flush().map(|_| ()))
@@ -162,7 +268,7 @@ const FLUSH_QUEUE: usize = 4096;
 /// The Raft log and vote.
 #[derive(Clone)]
 pub struct LogStore {
-    db: sled::Db,
+    durable: Durable,
     log: sled::Tree,
     meta: sled::Tree,
     flusher: tokio::sync::mpsc::Sender<LogFlushed<TypeConfig>>,
@@ -171,7 +277,7 @@ pub struct LogStore {
 /// Flushes the database for every batch of appends queued while the previous flush ran, then
 /// tells openraft, in order, that those entries are on disk.
 async fn group_commit(
-    db: sled::Db,
+    durable: Durable,
     mut queue: tokio::sync::mpsc::Receiver<LogFlushed<TypeConfig>>,
 ) {
     let mut waiting = Vec::new();
@@ -180,7 +286,7 @@ async fn group_commit(
         while let Ok(more) = queue.try_recv() {
             waiting.push(more);
         }
-        let result = flush_tree(&db).await.map_err(|e| e.to_string());
+        let result = durable.flush().await.map_err(|e| e.to_string());
         for callback in waiting.drain(..) {
             callback.log_io_completed(result.clone().map_err(std::io::Error::other));
         }
@@ -196,7 +302,7 @@ impl LogStore {
     }
 
     async fn flush(&self) -> Result<(), sled::Error> {
-        flush_tree(&self.db).await
+        self.durable.flush().await
     }
 }
 
@@ -346,7 +452,7 @@ pub(crate) type SharedState = Arc<RwLock<Applied>>;
 /// The state machine: applies committed commands, builds and installs snapshots.
 #[derive(Clone)]
 pub struct StateMachineStore {
-    db: sled::Db,
+    durable: Durable,
     sm: sled::Tree,
     snapshot: sled::Tree,
     applied: SharedState,
@@ -408,7 +514,7 @@ fn token_key(nonce: &[u8]) -> Vec<u8> {
 }
 
 impl StateMachineStore {
-    fn open(db: &sled::Db) -> StorageResult<Self> {
+    fn open(db: &sled::Db, durable: Durable) -> StorageResult<Self> {
         let sm = db.open_tree("raft_sm").map_err(read_err)?;
         let snapshot = db.open_tree("raft_snapshot").map_err(read_err)?;
         let mut applied = Applied::default();
@@ -464,7 +570,7 @@ impl StateMachineStore {
         }
         applied.state.rebuild();
         Ok(Self {
-            db: db.clone(),
+            durable,
             sm,
             snapshot,
             applied: Arc::new(RwLock::new(applied)),
@@ -554,7 +660,8 @@ impl StateMachineStore {
         self.snapshot
             .apply_batch(batch)
             .map_err(|e| StorageIOError::write_snapshot(signature.clone(), &e))?;
-        flush_tree(&self.db)
+        self.durable
+            .flush()
             .await
             .map_err(|e| StorageIOError::write_snapshot(signature, &e))?;
         Ok(())
@@ -754,6 +861,32 @@ mod tests {
         }
     }
 
+    /// Values sled keeps in files of their own are synced once each by a durable flush;
+    /// nothing else would ever sync them.
+    #[tokio::test]
+    async fn durable_flush_syncs_blob_files_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Storage::open(dir.path()).unwrap();
+        let durable = storage.durable.clone();
+        let synced = || durable.blobs.synced.lock().unwrap().clone();
+        let tree = storage.db.open_tree("t").unwrap();
+        tree.insert(b"small", vec![1u8; 100]).unwrap();
+        durable.flush().await.unwrap();
+        assert!(synced().is_empty(), "a small value stays in sled's log");
+
+        tree.insert(b"big", vec![2u8; 300 << 10]).unwrap();
+        durable.flush().await.unwrap();
+        let files: HashSet<OsString> = std::fs::read_dir(dir.path().join("blobs"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert!(!files.is_empty(), "a 300 KiB value is a blob file");
+        assert_eq!(synced(), files);
+
+        durable.flush().await.unwrap();
+        assert_eq!(synced(), files, "nothing new to sync");
+    }
+
     #[test]
     fn openraft_storage_suite() -> Result<(), StorageError<NodeId>> {
         Suite::test_all(Builder)
@@ -801,7 +934,7 @@ mod tests {
 
         // Loaded back from what is on disk (the database stays open: sled holds its lock
         // until its background threads end).
-        let mut sm = StateMachineStore::open(&storage.db)?;
+        let mut sm = StateMachineStore::open(&storage.db, storage.durable.clone())?;
         assert_eq!(state_of(&sm), before);
 
         let snap = sm.build_snapshot().await?;

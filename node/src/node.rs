@@ -13,7 +13,7 @@ use crate::{
     raft::{self as raft_glue, Entry, MeshTransport},
     sealing::{self, Sealer},
 };
-use agentmesh_consensus::{Cluster, Identity};
+use agentmesh_consensus::{Cluster, Durable, Identity};
 use agentmesh_federated::{Dataset, ExternalTrainer};
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::json;
@@ -62,10 +62,12 @@ pub async fn run(config: NodeConfig) -> Result<()> {
             db_path.display()
         )
     })?;
+    let durable = Durable::new(db.clone(), &db_path)
+        .with_context(|| format!("syncing the node database {}", db_path.display()))?;
     let metrics = Arc::new(Metrics::new().context("registering metrics")?);
     let peers = PeerStore::open(&db)?;
     let store = Arc::new(BlobStore::open(
-        &db,
+        &durable,
         &config.data_dir,
         config.max_blob_size,
     )?);
@@ -273,7 +275,8 @@ pub async fn run(config: NodeConfig) -> Result<()> {
         Err(e) => tracing::warn!(%e, "API task failed"),
         Ok(Ok(())) => {}
     }
-    agentmesh_consensus::flush_tree(&db)
+    durable
+        .flush()
         .await
         .context("flushing the node database")?;
     let _ = std::fs::remove_file(&runtime_file);

@@ -1,6 +1,7 @@
 //! Blobs on local disk: `blobs/<sha256>` for complete blobs, `blobs/partial/` for
 //! fetches in progress, `blobs/tmp/` for uploads; manifests in sled.
 
+use agentmesh_consensus::Durable;
 use agentmesh_protocols::blob::{
     chunk_range, BlobHash, Manifest, ManifestBuilder, DEFAULT_CHUNK_SIZE,
 };
@@ -85,6 +86,7 @@ struct PartialMeta {
 /// The local blob store.
 pub struct BlobStore {
     root: PathBuf,
+    durable: Durable,
     meta: sled::Tree,
     partial: sled::Tree,
     max_blob_size: u64,
@@ -111,7 +113,8 @@ fn encode_manifest(m: &Manifest) -> Vec<u8> {
 
 impl BlobStore {
     /// Opens (creating) the store under `data_dir/blobs`; clears stale uploads.
-    pub fn open(db: &sled::Db, data_dir: &Path, max_blob_size: u64) -> Result<Self, BlobError> {
+    pub fn open(durable: &Durable, data_dir: &Path, max_blob_size: u64) -> Result<Self, BlobError> {
+        let db = durable.db();
         let root = data_dir.join("blobs");
         for dir in [root.clone(), root.join("partial"), root.join("tmp")] {
             std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
@@ -124,6 +127,7 @@ impl BlobStore {
         }
         let store = Self {
             root,
+            durable: durable.clone(),
             meta: db.open_tree("blobs")?,
             partial: db.open_tree("blobs_partial")?,
             max_blob_size,
@@ -205,7 +209,7 @@ impl BlobStore {
         // Plain data; encoding into a Vec cannot fail.
         let _ = ciborium::into_writer(&meta, &mut buf);
         self.partial.insert(hash.0, buf)?;
-        agentmesh_consensus::flush_tree(&self.partial).await?;
+        self.durable.flush().await?;
         Ok(())
     }
 
@@ -218,7 +222,7 @@ impl BlobStore {
             Err(e) => return Err(io_err(&path)(e)),
         }
         self.partial.remove(hash.0)?;
-        agentmesh_consensus::flush_tree(&self.partial).await?;
+        self.durable.flush().await?;
         Ok(())
     }
 
@@ -329,7 +333,7 @@ impl BlobStore {
             .map_err(|e| io_err(&self.root)(io::Error::other(e)))?
             .map_err(io_err(&self.root))?;
         self.meta.insert(hash.0, encode_manifest(m))?;
-        agentmesh_consensus::flush_tree(&self.meta).await?;
+        self.durable.flush().await?;
         Ok(())
     }
 
@@ -338,7 +342,7 @@ impl BlobStore {
         let from = self.partial_path(hash);
         self.install(&from, hash, m).await?;
         self.partial.remove(hash.0)?;
-        agentmesh_consensus::flush_tree(&self.partial).await?;
+        self.durable.flush().await?;
         Ok(())
     }
 
@@ -373,6 +377,11 @@ impl BlobStore {
 mod tests {
     use super::*;
 
+    fn open_db(dir: &Path) -> Durable {
+        let path = dir.join("db");
+        Durable::new(sled::open(&path).unwrap(), &path).unwrap()
+    }
+
     fn stream(parts: Vec<Vec<u8>>) -> impl Stream<Item = Result<Bytes, String>> + Unpin {
         futures::stream::iter(parts.into_iter().map(|p| Ok(Bytes::from(p))))
     }
@@ -383,15 +392,13 @@ mod tests {
         let data: Vec<u8> = (0..3_000_000u32).map(|i| (i * 7 % 256) as u8).collect();
         let hash = BlobHash::of(&data);
         {
-            let db = sled::open(dir.path().join("db")).unwrap();
-            let store = BlobStore::open(&db, dir.path(), 1 << 30).unwrap();
+            let store = BlobStore::open(&open_db(dir.path()), dir.path(), 1 << 30).unwrap();
             let parts = data.chunks(100_000).map(|c| c.to_vec()).collect();
             let res = store.put(stream(parts)).await.unwrap();
             assert_eq!(res.hash, hash.to_string());
             assert_eq!(res.chunks, 3);
         }
-        let db = sled::open(dir.path().join("db")).unwrap();
-        let store = BlobStore::open(&db, dir.path(), 1 << 30).unwrap();
+        let store = BlobStore::open(&open_db(dir.path()), dir.path(), 1 << 30).unwrap();
         assert!(store.has(&hash).unwrap());
         let chunk = store.read_chunk(&hash, 2).unwrap().unwrap();
         assert_eq!(chunk, data[2 << 20..]);
@@ -401,8 +408,7 @@ mod tests {
     #[tokio::test]
     async fn oversized_upload_is_refused_and_leaves_nothing() {
         let dir = tempfile::tempdir().unwrap();
-        let db = sled::open(dir.path().join("db")).unwrap();
-        let store = BlobStore::open(&db, dir.path(), 10).unwrap();
+        let store = BlobStore::open(&open_db(dir.path()), dir.path(), 10).unwrap();
         let err = store
             .put(stream(vec![vec![1; 6], vec![2; 6]]))
             .await
