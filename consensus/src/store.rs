@@ -455,6 +455,8 @@ pub struct StateMachineStore {
     durable: Durable,
     sm: sled::Tree,
     snapshot: sled::Tree,
+    /// Held while a snapshot is compared with the stored one and written.
+    snapshot_write: Arc<Mutex<()>>,
     applied: SharedState,
 }
 
@@ -573,6 +575,7 @@ impl StateMachineStore {
             durable,
             sm,
             snapshot,
+            snapshot_write: Arc::default(),
             applied: Arc::new(RwLock::new(applied)),
         })
     }
@@ -583,9 +586,19 @@ impl StateMachineStore {
     }
 
     fn persist(&self, applied: &Applied, touched: &mut Vec<Touched>) -> StorageResult<()> {
+        self.persist_with(sled::Batch::default(), applied, touched)
+    }
+
+    /// Writes `batch` and what `touched` names of `applied` in one atomic batch (a later
+    /// insert of a key overrides an earlier remove of it in `batch`).
+    fn persist_with(
+        &self,
+        mut batch: sled::Batch,
+        applied: &Applied,
+        touched: &mut Vec<Touched>,
+    ) -> StorageResult<()> {
         touched.sort();
         touched.dedup();
-        let mut batch = sled::Batch::default();
         for t in touched.drain(..) {
             match t {
                 Touched::ClusterId => {
@@ -652,14 +665,31 @@ impl StateMachineStore {
         }
     }
 
+    /// Stores `snap` unless a newer snapshot is already stored. A snapshot built here is
+    /// encoded outside the apply lock, so one installed from the leader meanwhile (newer)
+    /// can be stored first; the older one must not replace it.
     async fn write_snapshot(&self, snap: &StoredSnapshot) -> StorageResult<()> {
         let signature = Some(snap.meta.signature());
-        let mut batch = sled::Batch::default();
-        batch.insert(SNAPSHOT_META, encode(&snap.meta));
-        batch.insert(SNAPSHOT_DATA, snap.data.as_slice());
-        self.snapshot
-            .apply_batch(batch)
-            .map_err(|e| StorageIOError::write_snapshot(signature.clone(), &e))?;
+        {
+            let _writing = self.snapshot_write.lock().map_err(|_| poisoned())?;
+            if let Some(bytes) = self.snapshot.get(SNAPSHOT_META).map_err(read_err)? {
+                let stored: SnapshotMeta<NodeId, RaftNode> = decode(&bytes).map_err(read_err)?;
+                if stored.last_log_id > snap.meta.last_log_id {
+                    tracing::debug!(
+                        stored = %stored.snapshot_id,
+                        built = %snap.meta.snapshot_id,
+                        "a newer snapshot is stored; keeping it"
+                    );
+                    return Ok(());
+                }
+            }
+            let mut batch = sled::Batch::default();
+            batch.insert(SNAPSHOT_META, encode(&snap.meta));
+            batch.insert(SNAPSHOT_DATA, snap.data.as_slice());
+            self.snapshot
+                .apply_batch(batch)
+                .map_err(|e| StorageIOError::write_snapshot(signature.clone(), &e))?;
+        }
         self.durable
             .flush()
             .await
@@ -769,11 +799,9 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                 .map(|id| Touched::ApiKey(id.clone())),
         );
         touched.extend(new.state.audit.keys().map(|seq| Touched::Audit(*seq)));
-        // Removes first, then the new contents, all in one atomic batch.
-        self.sm
-            .apply_batch(batch)
-            .map_err(|e| StorageIOError::write_state_machine(&e))?;
-        self.persist(&new, &mut touched)?;
+        // Removes first, then the new contents, all in one atomic batch: a crash in between
+        // must not leave an empty state machine whose log is already purged.
+        self.persist_with(batch, &new, &mut touched)?;
         *applied = new;
         Ok(())
     }
@@ -885,6 +913,71 @@ mod tests {
 
         durable.flush().await.unwrap();
         assert_eq!(synced(), files, "nothing new to sync");
+    }
+
+    fn kv_put_entry(index: u64, key: &str) -> Entry<TypeConfig> {
+        use crate::types::Command;
+        use openraft::CommittedLeaderId;
+        Entry {
+            log_id: LogId::new(CommittedLeaderId::new(1, 0), index),
+            payload: EntryPayload::Normal(Command::KvPut {
+                key: key.into(),
+                value: index.to_string(),
+                if_version: None,
+            }),
+        }
+    }
+
+    /// A snapshot built here is stored after its encoding, outside the apply lock; one
+    /// installed from the leader in between is newer and must stay the current one.
+    #[tokio::test]
+    async fn an_older_snapshot_never_replaces_a_newer_one() -> StorageResult<()> {
+        let dir = tempfile::tempdir().map_err(write_err)?;
+        let storage = Storage::open(dir.path()).map_err(write_err)?;
+        let (_log, mut sm) = storage.split()?;
+        sm.apply([kv_put_entry(1, "a")]).await?;
+        let older = sm.build_snapshot().await?;
+        sm.apply([kv_put_entry(2, "b")]).await?;
+        let newer = sm.build_snapshot().await?;
+        assert!(newer.meta.last_log_id > older.meta.last_log_id);
+
+        let stale = StoredSnapshot {
+            meta: older.meta.clone(),
+            data: older.snapshot.into_inner(),
+        };
+        sm.write_snapshot(&stale).await?;
+        let current = sm.get_current_snapshot().await?.expect("a snapshot");
+        assert_eq!(current.meta, newer.meta);
+        Ok(())
+    }
+
+    /// Installing a snapshot replaces the whole state machine on disk, keys the snapshot
+    /// does not have included, in one batch.
+    #[tokio::test]
+    async fn installed_snapshot_replaces_the_state_on_disk() -> StorageResult<()> {
+        let source_dir = tempfile::tempdir().map_err(write_err)?;
+        let source = Storage::open(source_dir.path()).map_err(write_err)?;
+        let (_log, mut leader) = source.split()?;
+        leader
+            .apply([kv_put_entry(1, "kept"), kv_put_entry(2, "also")])
+            .await?;
+        let snap = leader.build_snapshot().await?;
+
+        let dir = tempfile::tempdir().map_err(write_err)?;
+        let storage = Storage::open(dir.path()).map_err(write_err)?;
+        let (_log2, mut sm) = storage.split()?;
+        sm.apply([kv_put_entry(1, "stale")]).await?;
+        sm.install_snapshot(&snap.meta, snap.snapshot).await?;
+
+        let on_disk = StateMachineStore::open(&storage.db, storage.durable.clone())?;
+        let state = state_of(&on_disk);
+        assert_eq!(
+            state.kv.keys().cloned().collect::<Vec<_>>(),
+            vec!["also".to_string(), "kept".to_string()]
+        );
+        let (applied, _) = on_disk.clone().applied_state().await?;
+        assert_eq!(applied, snap.meta.last_log_id);
+        Ok(())
     }
 
     #[test]
