@@ -5,7 +5,9 @@
 //! - `append` writes the entries as one batch and reports them flushed only after a flush
 //!   that started after the write has completed. Flushes are group commits: one background
 //!   task flushes for every append that arrived while the previous flush ran, so concurrent
-//!   writers share a flush instead of queueing for one each;
+//!   appends share a flush instead of queueing for one each (openraft 0.9 waits for each
+//!   append's flush before its next command, so today the client writes batched into one
+//!   entry by `cluster.rs` are what share a flush);
 //! - a flush is [`Durable::flush`]: sled's own flush, then `fdatasync`, because sled's flush
 //!   alone does not survive a power cut (see there);
 //! - `save_vote` flushes before returning;
