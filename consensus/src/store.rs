@@ -21,7 +21,7 @@
 // type so `?` flows through without conversions.
 #![allow(clippy::result_large_err)]
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::ffi::OsString;
 use std::fmt::Debug;
 use std::fs::File;
@@ -87,8 +87,13 @@ fn write_err(e: impl std::error::Error + 'static) -> StorageError<NodeId> {
 /// for the device to take them (`sync_file_range`), which is enough to survive the process
 /// being killed but not a power cut: it neither asks the device to empty its write cache nor
 /// syncs the file's length, and values sled keeps in files of their own (`blobs/`, items over
-/// ~128 KiB) are not synced at all. [`Durable::flush`] is sled's flush, then `fsync` of blob
-/// files not synced before (and of their directory), then `fdatasync` of the main file.
+/// ~128 KiB) are not synced at all. [`Durable::flush`] syncs blob files, then runs sled's
+/// flush, syncs blob files again (and their directory), then `fdatasync`s the main file.
+///
+/// Syncing blobs before sled's flush makes a blob written before the flush durable before
+/// the record pointing at it can be; a blob another thread writes while the flush runs can
+/// still reach the disk after its record (sled's own background flusher can write the record
+/// at any time). Closing that would take a change inside sled.
 #[derive(Clone)]
 pub struct Durable {
     db: sled::Db,
@@ -96,10 +101,12 @@ pub struct Durable {
     blobs: Arc<BlobSync>,
 }
 
-/// Blob files already synced, so each is synced once.
+/// Blob files already synced, with the length each had when it was: sled writes a blob file
+/// in several steps and only ever appends, so a file seen mid-write is synced again once its
+/// length has changed.
 struct BlobSync {
     dir: PathBuf,
-    synced: Mutex<HashSet<OsString>>,
+    synced: Mutex<HashMap<OsString, u64>>,
 }
 
 impl Durable {
@@ -128,6 +135,7 @@ impl Durable {
     /// Flushes everything written so far to stable storage. Blocks: call it from a blocking
     /// thread, or through [`Durable::flush`].
     pub fn flush_blocking(&self) -> Result<(), sled::Error> {
+        self.sync_blobs()?;
         self.db.flush()?;
         self.sync_blobs()?;
         self.file.sync_data()?;
@@ -145,37 +153,47 @@ impl Durable {
             .map_err(|e| sled::Error::ReportableBug(format!("flush task: {e}")))?
     }
 
-    /// Syncs blob files that appeared since the last call, then the directory that names
-    /// them. Names of files sled has since removed are forgotten.
+    /// Syncs blob files that appeared, or grew, since they were last synced, then the
+    /// directory that names them. Names of files sled has since removed are forgotten.
     fn sync_blobs(&self) -> std::io::Result<()> {
         let entries = match std::fs::read_dir(&self.blobs.dir) {
             Ok(entries) => entries,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
             Err(e) => return Err(e),
         };
-        let mut present = HashSet::new();
+        let mut present = HashMap::new();
         for entry in entries {
-            present.insert(entry?.file_name());
-        }
-        let mut synced = self.blobs.synced.lock().unwrap_or_else(|e| e.into_inner());
-        synced.retain(|name| present.contains(name));
-        let fresh: Vec<OsString> = present
-            .into_iter()
-            .filter(|name| !synced.contains(name))
-            .collect();
-        if fresh.is_empty() {
-            return Ok(());
-        }
-        for name in &fresh {
-            match File::open(self.blobs.dir.join(name)) {
-                Ok(f) => f.sync_all()?,
+            let entry = entry?;
+            match entry.metadata() {
+                Ok(meta) => {
+                    present.insert(entry.file_name(), meta.len());
+                }
                 // Removed by sled since the listing: nothing to keep.
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 Err(e) => return Err(e),
             }
         }
-        File::open(&self.blobs.dir)?.sync_all()?;
-        synced.extend(fresh);
+        let mut synced = self.blobs.synced.lock().unwrap_or_else(|e| e.into_inner());
+        synced.retain(|name, _| present.contains_key(name));
+        let mut new_names = false;
+        for (name, len) in present {
+            if synced.get(&name) == Some(&len) {
+                continue;
+            }
+            match File::open(self.blobs.dir.join(&name)) {
+                Ok(f) => {
+                    // The length before the sync: whatever is appended later shows as growth.
+                    let len = f.metadata()?.len();
+                    f.sync_all()?;
+                    new_names |= synced.insert(name, len).is_none();
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        }
+        if new_names {
+            File::open(&self.blobs.dir)?.sync_all()?;
+        }
         Ok(())
     }
 }
@@ -891,14 +909,24 @@ mod tests {
         }
     }
 
-    /// Values sled keeps in files of their own are synced once each by a durable flush;
-    /// nothing else would ever sync them.
+    /// Values sled keeps in files of their own are synced by a durable flush, once each
+    /// unless they grow; nothing else would ever sync them.
     #[tokio::test]
     async fn durable_flush_syncs_blob_files_once() {
         let dir = tempfile::tempdir().unwrap();
         let storage = Storage::open(dir.path()).unwrap();
         let durable = storage.durable.clone();
-        let synced = || durable.blobs.synced.lock().unwrap().clone();
+        use std::collections::HashSet;
+        let synced = || -> HashSet<OsString> {
+            durable
+                .blobs
+                .synced
+                .lock()
+                .unwrap()
+                .keys()
+                .cloned()
+                .collect()
+        };
         let tree = storage.db.open_tree("t").unwrap();
         tree.insert(b"small", vec![1u8; 100]).unwrap();
         durable.flush().await.unwrap();
@@ -915,6 +943,19 @@ mod tests {
 
         durable.flush().await.unwrap();
         assert_eq!(synced(), files, "nothing new to sync");
+
+        // A file caught while sled was still writing it is synced again once it has grown.
+        let name = files.iter().next().unwrap().clone();
+        let path = dir.path().join("blobs").join(&name);
+        let len = std::fs::metadata(&path).unwrap().len();
+        assert_eq!(durable.blobs.synced.lock().unwrap()[&name], len);
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap();
+        std::io::Write::write_all(&mut f, b"more").unwrap();
+        durable.flush().await.unwrap();
+        assert_eq!(durable.blobs.synced.lock().unwrap()[&name], len + 4);
     }
 
     fn kv_put_entry(index: u64, key: &str) -> Entry<TypeConfig> {
