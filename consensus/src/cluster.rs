@@ -1358,7 +1358,7 @@ impl Cluster {
         if let Err(e) = self.inner.raft.shutdown().await {
             tracing::warn!(error = %e, "raft shutdown");
         }
-        if let Err(e) = self.inner.storage.flush() {
+        if let Err(e) = self.inner.storage.flush().await {
             tracing::warn!(error = %e, "flushing raft storage");
         }
     }

@@ -242,9 +242,9 @@ impl Storage {
         has("raft_meta", Some(VOTE)) || has("raft_log", None)
     }
 
-    /// Flushes everything to disk.
-    pub fn flush(&self) -> Result<(), sled::Error> {
-        self.durable.flush_blocking()
+    /// Flushes everything to disk (on a blocking thread).
+    pub async fn flush(&self) -> Result<(), sled::Error> {
+        self.durable.flush().await
     }
 
     /// What this node promised while waiting to found (see `bootstrap.rs`). An unreadable
