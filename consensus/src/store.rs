@@ -200,7 +200,6 @@ impl Durable {
 
 /// The persistent half of a Raft node: open it once per data dir.
 pub struct Storage {
-    db: sled::Db,
     durable: Durable,
 }
 
@@ -211,8 +210,9 @@ impl Storage {
             .path(dir)
             .mode(sled::Mode::HighThroughput)
             .open()?;
-        let durable = Durable::new(db.clone(), dir)?;
-        Ok(Self { db, durable })
+        Ok(Self {
+            durable: Durable::new(db, dir)?,
+        })
     }
 
     /// The log store and the state machine, for `openraft::Raft::new`. Must be called
@@ -222,11 +222,11 @@ impl Storage {
         tokio::spawn(group_commit(self.durable.clone(), queue));
         let log = LogStore {
             durable: self.durable.clone(),
-            log: self.db.open_tree("raft_log").map_err(read_err)?,
-            meta: self.db.open_tree("raft_meta").map_err(read_err)?,
+            log: self.durable.db.open_tree("raft_log").map_err(read_err)?,
+            meta: self.durable.db.open_tree("raft_meta").map_err(read_err)?,
             flusher,
         };
-        let sm = StateMachineStore::open(&self.db, self.durable.clone())?;
+        let sm = StateMachineStore::open(self.durable.clone())?;
         Ok((log, sm))
     }
 
@@ -234,7 +234,7 @@ impl Storage {
     /// ever been part of a cluster must never found a new one.
     pub fn has_state(&self) -> bool {
         let has = |tree: &str, key: Option<&[u8]>| {
-            self.db.open_tree(tree).is_ok_and(|t| match key {
+            self.durable.db.open_tree(tree).is_ok_and(|t| match key {
                 Some(k) => t.contains_key(k).unwrap_or(false),
                 None => !t.is_empty(),
             })
@@ -251,6 +251,7 @@ impl Storage {
     /// promise is an error: forgetting it could let this node promise twice.
     pub(crate) fn load_bootstrap(&self) -> Result<BootstrapState, String> {
         let tree = self
+            .durable
             .db
             .open_tree(BOOTSTRAP_TREE)
             .map_err(|e| e.to_string())?;
@@ -263,18 +264,17 @@ impl Storage {
     /// Saves the bootstrap state and returns once it is on disk: a promise must survive a
     /// crash before it is given.
     pub(crate) async fn save_bootstrap(&self, state: &BootstrapState) -> Result<(), sled::Error> {
-        self.db
+        self.durable
+            .db
             .open_tree(BOOTSTRAP_TREE)?
             .insert(BOOTSTRAP_STATE, encode(state))?;
         self.durable.flush().await
     }
 }
 
-/// Flushes on a blocking thread, as far as sled's own flush goes: enough to survive the
-/// process being killed, not a power cut (see [`Durable`]). Not `flush_async`: that waits on
-/// sled's own small thread pool, and enough concurrent waiters (blob puts beside Raft appends)
-/// fill the pool with threads blocked on log writes that need a pool thread to finish: a
-/// deadlock.
+/// Flushes on a blocking thread (not sled's `flush_async`, see [`Durable::flush`]), as far as
+/// sled's own flush goes: enough to survive the process being killed, not a power cut (see
+/// [`Durable`]). For data no client was promised.
 pub async fn flush_tree(tree: &sled::Tree) -> Result<(), sled::Error> {
     let tree = tree.clone();
     tokio::task::spawn_blocking(move || tree.flush().map(|_| ()))
@@ -536,7 +536,8 @@ fn token_key(nonce: &[u8]) -> Vec<u8> {
 }
 
 impl StateMachineStore {
-    fn open(db: &sled::Db, durable: Durable) -> StorageResult<Self> {
+    fn open(durable: Durable) -> StorageResult<Self> {
+        let db = &durable.db;
         let sm = db.open_tree("raft_sm").map_err(read_err)?;
         let snapshot = db.open_tree("raft_snapshot").map_err(read_err)?;
         let mut applied = Applied::default();
@@ -927,7 +928,7 @@ mod tests {
                 .cloned()
                 .collect()
         };
-        let tree = storage.db.open_tree("t").unwrap();
+        let tree = storage.durable.db.open_tree("t").unwrap();
         tree.insert(b"small", vec![1u8; 100]).unwrap();
         durable.flush().await.unwrap();
         assert!(synced().is_empty(), "a small value stays in sled's log");
@@ -1012,7 +1013,7 @@ mod tests {
         sm.apply([kv_put_entry(1, "stale")]).await?;
         sm.install_snapshot(&snap.meta, snap.snapshot).await?;
 
-        let on_disk = StateMachineStore::open(&storage.db, storage.durable.clone())?;
+        let on_disk = StateMachineStore::open(storage.durable.clone())?;
         let state = state_of(&on_disk);
         assert_eq!(
             state.kv.keys().cloned().collect::<Vec<_>>(),
@@ -1070,7 +1071,7 @@ mod tests {
 
         // Loaded back from what is on disk (the database stays open: sled holds its lock
         // until its background threads end).
-        let mut sm = StateMachineStore::open(&storage.db, storage.durable.clone())?;
+        let mut sm = StateMachineStore::open(storage.durable.clone())?;
         assert_eq!(state_of(&sm), before);
 
         let snap = sm.build_snapshot().await?;
