@@ -91,8 +91,8 @@ pub use privacy::{
     RdpAccountant,
 };
 pub use report::{
-    digits_report, AttackResult, CentralRow, PrivacyRow, Report, ReportConfig, ReportError,
-    RobustRow,
+    digits_report, AttackResult, AttackSummary, CentralRow, PrivacyRow, Report, ReportConfig,
+    ReportError, RobustRow, RobustSummary,
 };
 pub use simulate::{simulate, Attackers, RoundMetrics, SimulationConfig, SimulationError};
 pub use trainer::{

@@ -395,6 +395,10 @@ pub struct SimulateArgs {
     /// Seed.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+    /// Repeat the robustness runs over this many seeds (from --seed) and add each attack's
+    /// mean and worst accuracy loss.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=100))]
+    pub seeds: u64,
     /// Leave out the differential-privacy runs (the slowest part).
     #[arg(long)]
     pub no_privacy: bool,

@@ -281,6 +281,7 @@ pub fn simulate(args: &SimulateArgs) -> Result<()> {
         alpha: args.alpha,
         attackers: args.attackers,
         seed: args.seed,
+        seeds: args.seeds,
         skip_privacy: args.no_privacy,
     };
     let report = digits_report(&config)?;

@@ -153,6 +153,8 @@ fn simulate_reports_a_robust_rule_surviving_sign_flip_that_fedavg_does_not() -> 
         "1",
         "--rounds",
         "8",
+        "--seeds",
+        "2",
         "--no-privacy",
         "--json",
     ])?)?;
@@ -193,5 +195,22 @@ fn simulate_reports_a_robust_rule_surviving_sign_flip_that_fedavg_does_not() -> 
         under(&multikrum, "sign_flip") > 0.9,
         "Multi-Krum should hold: {multikrum}"
     );
+    // --seeds 2: every rule summarised over seeds 1 and 2, each attack's worst seed one of them.
+    let summary = v["robustness_over_seeds"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(summary.len(), 6, "{summary:?}");
+    for r in &summary {
+        let attacked = r["attacked"].as_array().cloned().unwrap_or_default();
+        assert_eq!(attacked.len(), 5, "{r}");
+        for a in &attacked {
+            assert!(matches!(a["worst_seed"].as_u64(), Some(1 | 2)), "{a}");
+            assert!(a["worst_drop"].as_f64() >= a["mean_drop"].as_f64(), "{a}");
+        }
+    }
+    let out = run(&["simulate", "--seeds", "0"])?;
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--seeds"));
     Ok(())
 }
