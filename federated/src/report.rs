@@ -472,6 +472,16 @@ pub fn digits_report(config: &ReportConfig) -> Result<Report, ReportError> {
     })
 }
 
+/// The header of a table with one row per aggregator and one column per attack.
+fn attack_table_head(out: &mut String, clean: &str) {
+    let names: Vec<&str> = attacks().iter().map(Attack::name).collect();
+    out.push_str(&format!("| aggregator | {clean} |"));
+    for n in &names {
+        out.push_str(&format!(" {n} |"));
+    }
+    out.push_str(&format!("\n|---|---|{}\n", "---|".repeat(names.len())));
+}
+
 fn pct(x: f64) -> String {
     format!("{:.1}", 100.0 * x)
 }
@@ -496,14 +506,10 @@ impl Report {
         }
         out.push_str(&format!(
             "\n## Federated, clean and under attack ({} of {} clients Byzantine)\n\n\
-             | aggregator | clean |",
+             ",
             c.attackers, c.clients
         ));
-        let names: Vec<&str> = attacks().iter().map(Attack::name).collect();
-        for n in &names {
-            out.push_str(&format!(" {n} |"));
-        }
-        out.push_str(&format!("\n|---|---|{}\n", "---|".repeat(names.len())));
+        attack_table_head(&mut out, "clean");
         for r in &self.robustness {
             out.push_str(&format!("| {} | {} |", r.aggregator, pct(r.clean)));
             for a in &r.attacked {
@@ -524,21 +530,17 @@ impl Report {
             out.push_str(&format!(
                 "\n## Over seeds {}–{last}: accuracy lost to each attack\n\n\
                  Points below the same seed's clean run: mean over the {} seeds (worst, seed). \
-                 Each seed draws its own split, shards and initial model.\n\n\
-                 | aggregator | clean (mean) |",
+                 Each seed draws its own split, shards and initial model.\n\n",
                 c.seed, c.seeds
             ));
-            for n in &names {
-                out.push_str(&format!(" {n} |"));
-            }
-            out.push_str(&format!("\n|---|---|{}\n", "---|".repeat(names.len())));
+            attack_table_head(&mut out, "clean (mean)");
             for r in &self.robustness_over_seeds {
                 out.push_str(&format!("| {} | {} |", r.aggregator, pct(r.clean_mean)));
                 for a in &r.attacked {
                     out.push_str(&format!(
-                        " {:.1} ({:.1}, {}) |",
-                        100.0 * a.mean_drop,
-                        100.0 * a.worst_drop,
+                        " {} ({}, {}) |",
+                        pct(a.mean_drop),
+                        pct(a.worst_drop),
                         a.worst_seed
                     ));
                 }
