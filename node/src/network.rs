@@ -11,6 +11,7 @@ use crate::{
 };
 use agentmesh_protocols::{
     blob::{BlobHash, BlobRequest, BlobResponse, ResponseBody},
+    identity::NodeSigner,
     topic_score_params, Envelope, Kind, MeshBehaviour, MeshBehaviourEvent, MeshConfig,
     IDENTIFY_PROTOCOL_VERSION, MAX_ENVELOPE_SIZE, NON_MEMBER_SCORE,
 };
@@ -405,6 +406,8 @@ pub fn spawn(
 > {
     let mesh_cfg = MeshConfig::default().with_agent_version(agent_version(&params.name));
     let local_peer_id = params.keypair.public().to_peer_id();
+    let signer =
+        NodeSigner::from_keypair(&params.keypair).map_err(|e| StartError::Build(e.to_string()))?;
     let behaviour = MeshBehaviour::new(&params.keypair, &mesh_cfg)
         .map_err(|e| StartError::Build(e.to_string()))?;
     let mut swarm = libp2p::SwarmBuilder::with_existing_identity(params.keypair.clone())
@@ -455,6 +458,7 @@ pub fn spawn(
     let (ready_tx, ready_rx) = watch::channel(Readiness::default());
     let mut task = Task {
         swarm,
+        signer,
         commands: rx,
         shutdown,
         peers: params.peers,
@@ -542,6 +546,8 @@ struct LivePeer {
 
 struct Task {
     swarm: Swarm<MeshBehaviour>,
+    /// Signs the envelopes this node publishes.
+    signer: NodeSigner,
     commands: mpsc::Receiver<Command>,
     shutdown: watch::Receiver<bool>,
     peers: PeerStore,
@@ -877,13 +883,7 @@ impl Task {
             return Err(NetworkError::InvalidTopic(topic));
         }
         let size = data.len();
-        let env = Envelope::new(
-            Kind::Publish,
-            *self.swarm.local_peer_id(),
-            None,
-            now_ms(),
-            data,
-        );
+        let env = Envelope::new(Kind::Publish, &self.signer, None, now_ms(), data);
         let bytes = env.encode().map_err(|_| NetworkError::TooLarge {
             size,
             limit: MAX_ENVELOPE_SIZE,
@@ -1177,32 +1177,32 @@ impl Task {
             return;
         };
         use gossipsub::MessageAcceptance::{Accept, Ignore, Reject};
-        let author_is_member = message.source.is_some_and(|s| self.is_member(&s));
+        // Runs once per message: gossipsub drops later copies by message id (a hash of
+        // the data) before they get here. The author is the envelope's sender, whose
+        // signature `Envelope::decode` checks; gossipsub's own source field is not
+        // validated (`ValidationMode::None`) and not used.
         // (verdict, what a refusal costs the forwarder): a non-member forwarder or a bad
         // message is rejected (and scored); a member forwarding a message whose author this
         // node does not know as a member yet is ignored, not punished: the forwarder may
         // simply have applied a join that this node has not.
-        let verdict = match Envelope::decode(&message.data, MAX_ENVELOPE_SIZE) {
-            _ if !self.is_member(&propagation_source) => Err((
+        let verdict = if !self.is_member(&propagation_source) {
+            Err((
                 format!("forwarded by {propagation_source}, which is not a member"),
                 Reject,
-            )),
-            Ok(_) if !author_is_member => Err((
-                format!("published by {:?}, which is not a member", message.source),
-                Ignore,
-            )),
-            Ok(env) if message.source == Some(env.sender()) && env.kind() == Kind::Publish => {
-                Ok(env)
+            ))
+        } else {
+            match Envelope::decode(&message.data, MAX_ENVELOPE_SIZE) {
+                Ok(env) if env.kind() != Kind::Publish => Err((
+                    format!("a {:?} envelope on a gossip topic", env.kind()),
+                    Reject,
+                )),
+                Ok(env) if !self.is_member(&env.sender()) => Err((
+                    format!("published by {}, which is not a member", env.sender()),
+                    Ignore,
+                )),
+                Ok(env) => Ok(env),
+                Err(e) => Err((e.to_string(), Reject)),
             }
-            Ok(env) => Err((
-                format!(
-                    "envelope sender {} is not the signing peer {:?}",
-                    env.sender(),
-                    message.source
-                ),
-                Reject,
-            )),
-            Err(e) => Err((e.to_string(), Reject)),
         };
         let acceptance = match verdict {
             Ok(env) => {

@@ -15,7 +15,7 @@ use crate::{
 };
 use agentmesh_consensus::{Cluster, Durable, Identity};
 use agentmesh_federated::{Dataset, ExternalTrainer};
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{bail, Context, Result};
 use serde_json::json;
 use std::{net::SocketAddr, path::Path, sync::Arc, time::Duration};
 use tokio::sync::{broadcast, mpsc, watch};
@@ -45,16 +45,9 @@ pub async fn run(config: NodeConfig) -> Result<()> {
     };
     let keypair = identity::load_or_create(&config.data_dir)?;
     let peer_id = keypair.public().to_peer_id();
-    let secret = keypair
-        .clone()
-        .try_into_ed25519()
-        .map_err(|_| anyhow!("the node identity is not an Ed25519 key"))?
-        .secret();
-    let secret: [u8; 32] = secret
-        .as_ref()
-        .try_into()
-        .context("the identity's Ed25519 secret is not 32 bytes")?;
-    let signing_key = ed25519_dalek::SigningKey::from_bytes(&secret);
+    let signing_key = agentmesh_protocols::identity::NodeSigner::from_keypair(&keypair)?
+        .signing_key()
+        .clone();
     let db_path = config.data_dir.join("db");
     let db = sled::open(&db_path).with_context(|| {
         format!(

@@ -10,7 +10,7 @@ use crate::{
 use agentmesh_consensus::{
     BootstrapStep, CallFuture, Cluster, ClusterError, RaftNode, Transport, TransportError,
 };
-use libp2p::{identity::PublicKey, Multiaddr, PeerId};
+use libp2p::{Multiaddr, PeerId};
 use std::{sync::Arc, time::Duration};
 
 mod streams;
@@ -56,13 +56,7 @@ impl Transport for MeshTransport {
 
 /// The Ed25519 public key inside an Ed25519 peer id.
 pub fn peer_public_key(peer: &PeerId) -> Option<[u8; 32]> {
-    let hash = peer.as_ref();
-    // Ed25519 peer ids inline the protobuf-encoded key with the identity hash (code 0).
-    if hash.code() != 0 {
-        return None;
-    }
-    let key = PublicKey::try_decode_protobuf(hash.digest()).ok()?;
-    Some(key.try_into_ed25519().ok()?.to_bytes())
+    agentmesh_protocols::identity::peer_public_key(peer).map(|k| k.to_bytes())
 }
 
 /// How this node enters a cluster.

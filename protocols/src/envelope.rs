@@ -1,13 +1,16 @@
-//! The versioned CBOR envelope that agentmesh messages travel in.
+//! The versioned CBOR envelope that agentmesh messages travel in, signed by its sender.
 
+use crate::identity::{peer_public_key, NodeSigner};
+use ed25519_dalek::Signature;
 use libp2p::PeerId;
 use serde::{Deserialize, Serialize};
-use serde_bytes::ByteBuf;
+use serde_bytes::{ByteBuf, Bytes};
 use sha2::{Digest, Sha256};
 use std::fmt;
 
-/// Version written into every envelope; decoders refuse any other.
-pub const ENVELOPE_VERSION: u8 = 1;
+/// Version written into every envelope; decoders refuse any other. Version 2 added
+/// the sender's signature (version 1 relied on gossipsub's signature over it).
+pub const ENVELOPE_VERSION: u8 = 2;
 
 /// Largest encoded envelope accepted, in bytes (1 MiB). Gossip's max transmit size
 /// is derived from it, so a message that can be built can also be sent.
@@ -16,6 +19,9 @@ pub const MAX_ENVELOPE_SIZE: usize = 1024 * 1024;
 /// Domain separator for the id hash, so an envelope id can never collide with a
 /// hash of some other agentmesh structure.
 const ID_DOMAIN: &[u8] = b"agentmesh/envelope/v1";
+
+/// Domain separator for the sender's signature, which is made over this and the id.
+const SIGNATURE_DOMAIN: &[u8] = b"agentmesh/envelope-signature/v2";
 
 /// What an envelope carries; decides how the receiver dispatches the payload.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -76,6 +82,17 @@ pub enum EnvelopeError {
         /// Id computed from the content.
         computed: MessageId,
     },
+    /// The sender's peer id does not carry an Ed25519 key to check the signature with.
+    #[error("sender {0} is not an Ed25519 peer id, so its signature cannot be checked")]
+    NotEd25519(PeerId),
+    /// The signature is not the sender's over this envelope.
+    #[error("envelope signature is not {0}'s")]
+    BadSignature(PeerId),
+    /// The bytes decode, but are not the one encoding this node would write for
+    /// them (reordered or extra fields, long-form integers). Refused so that one
+    /// signed envelope has exactly one byte form, and so one gossip message id.
+    #[error("envelope is not canonically encoded")]
+    NonCanonical,
 }
 
 /// The on-wire shape. Kept separate from [`Envelope`] so that decoding validates
@@ -89,9 +106,26 @@ struct Wire {
     kind: Kind,
     ts: u64,
     payload: ByteBuf,
+    sig: ByteBuf,
 }
 
-/// A decoded, validated envelope.
+/// [`Wire`] borrowing the envelope, for encoding without copying the payload. Same
+/// fields in the same order, so both serialize to the same bytes.
+#[derive(Serialize)]
+struct WireRef<'a> {
+    v: u8,
+    id: &'a Bytes,
+    sender: &'a Bytes,
+    recipient: Option<&'a Bytes>,
+    kind: Kind,
+    ts: u64,
+    payload: &'a Bytes,
+    sig: &'a Bytes,
+}
+
+/// An envelope that is known to be authentic: built and signed here, or decoded
+/// with its version, peer ids, content-hash id, encoding and sender's signature
+/// all checked.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Envelope {
     id: MessageId,
@@ -100,18 +134,22 @@ pub struct Envelope {
     kind: Kind,
     timestamp_ms: u64,
     payload: Vec<u8>,
+    signature: Signature,
 }
 
 impl Envelope {
-    /// Builds an envelope and computes its id. `recipient: None` means broadcast.
+    /// Builds an envelope from `signer`, computes its id and signs it.
+    /// `recipient: None` means broadcast.
     pub fn new(
         kind: Kind,
-        sender: PeerId,
+        signer: &NodeSigner,
         recipient: Option<PeerId>,
         timestamp_ms: u64,
         payload: Vec<u8>,
     ) -> Self {
+        let sender = signer.peer_id();
         let id = compute_id(kind, &sender, recipient.as_ref(), timestamp_ms, &payload);
+        let signature = signer.sign(&signed_bytes(&id));
         Self {
             id,
             sender,
@@ -119,6 +157,7 @@ impl Envelope {
             kind,
             timestamp_ms,
             payload,
+            signature,
         }
     }
 
@@ -153,16 +192,20 @@ impl Envelope {
 
     /// Encodes to CBOR, refusing results larger than [`MAX_ENVELOPE_SIZE`].
     pub fn encode(&self) -> Result<Vec<u8>, EnvelopeError> {
-        let wire = Wire {
+        let sender = self.sender.to_bytes();
+        let recipient = self.recipient.map(|p| p.to_bytes());
+        let signature = self.signature.to_bytes();
+        let wire = WireRef {
             v: ENVELOPE_VERSION,
-            id: ByteBuf::from(self.id.0.to_vec()),
-            sender: ByteBuf::from(self.sender.to_bytes()),
-            recipient: self.recipient.map(|p| ByteBuf::from(p.to_bytes())),
+            id: Bytes::new(&self.id.0),
+            sender: Bytes::new(&sender),
+            recipient: recipient.as_deref().map(Bytes::new),
             kind: self.kind,
             ts: self.timestamp_ms,
-            payload: ByteBuf::from(self.payload.clone()),
+            payload: Bytes::new(&self.payload),
+            sig: Bytes::new(&signature),
         };
-        let mut out = Vec::with_capacity(self.payload.len() + 128);
+        let mut out = Vec::with_capacity(self.payload.len() + 256);
         ciborium::into_writer(&wire, &mut out)
             .map_err(|e| EnvelopeError::Malformed(e.to_string()))?;
         if out.len() > MAX_ENVELOPE_SIZE {
@@ -175,7 +218,8 @@ impl Envelope {
     }
 
     /// Decodes and validates an envelope no larger than `limit` bytes: version,
-    /// peer ids and the content-hash id are all checked.
+    /// peer ids, the content-hash id, the encoding (only the canonical one) and the
+    /// sender's signature are all checked, the signature last since it costs most.
     pub fn decode(bytes: &[u8], limit: usize) -> Result<Self, EnvelopeError> {
         if bytes.len() > limit {
             return Err(EnvelopeError::TooLarge {
@@ -207,15 +251,32 @@ impl Envelope {
                 computed,
             });
         }
-        Ok(Self {
+        let signature =
+            Signature::from_slice(&wire.sig).map_err(|_| EnvelopeError::BadSignature(sender))?;
+        let env = Self {
             id: computed,
             sender,
             recipient,
             kind: wire.kind,
             timestamp_ms: wire.ts,
             payload: wire.payload.into_vec(),
-        })
+            signature,
+        };
+        if env.encode()? != bytes {
+            return Err(EnvelopeError::NonCanonical);
+        }
+        let key = peer_public_key(&sender).ok_or(EnvelopeError::NotEd25519(sender))?;
+        // Strict verification also refuses weak keys and non-canonical signatures, so
+        // a signature cannot be altered into another one that still verifies.
+        key.verify_strict(&signed_bytes(&env.id), &env.signature)
+            .map_err(|_| EnvelopeError::BadSignature(sender))?;
+        Ok(env)
     }
+}
+
+/// What the sender signs: the domain and the content-hash id (which covers every field).
+fn signed_bytes(id: &MessageId) -> Vec<u8> {
+    [SIGNATURE_DOMAIN, &id.0].concat()
 }
 
 fn parse_peer(field: &'static str, bytes: &[u8]) -> Result<PeerId, EnvelopeError> {
@@ -264,16 +325,33 @@ mod tests {
     use libp2p::identity::Keypair;
     use proptest::prelude::*;
 
+    fn signer() -> NodeSigner {
+        NodeSigner::from_keypair(&Keypair::generate_ed25519()).expect("an Ed25519 keypair")
+    }
+
     fn peer() -> PeerId {
-        Keypair::generate_ed25519().public().to_peer_id()
+        signer().peer_id()
+    }
+
+    fn wire_of(env: &Envelope) -> Result<Wire, EnvelopeError> {
+        ciborium::from_reader(&env.encode()?[..])
+            .map_err(|e| EnvelopeError::Malformed(e.to_string()))
+    }
+
+    fn bytes_of<T: Serialize>(wire: &T) -> Result<Vec<u8>, EnvelopeError> {
+        let mut bytes = Vec::new();
+        ciborium::into_writer(wire, &mut bytes)
+            .map_err(|e| EnvelopeError::Malformed(e.to_string()))?;
+        Ok(bytes)
     }
 
     #[test]
     fn round_trip_keeps_every_field() -> Result<(), EnvelopeError> {
-        let (a, b) = (peer(), peer());
-        let env = Envelope::new(Kind::Direct, a, Some(b), 42, vec![1, 2, 3]);
+        let (a, b) = (signer(), peer());
+        let env = Envelope::new(Kind::Direct, &a, Some(b), 42, vec![1, 2, 3]);
         let back = Envelope::decode(&env.encode()?, MAX_ENVELOPE_SIZE)?;
         assert_eq!(back, env);
+        assert_eq!(back.sender(), a.peer_id());
         assert_eq!(back.recipient(), Some(b));
         Ok(())
     }
@@ -292,13 +370,19 @@ mod tests {
 
     #[test]
     fn oversized_payload_cannot_be_encoded() {
-        let env = Envelope::new(Kind::Publish, peer(), None, 0, vec![7; MAX_ENVELOPE_SIZE]);
+        let env = Envelope::new(
+            Kind::Publish,
+            &signer(),
+            None,
+            0,
+            vec![7; MAX_ENVELOPE_SIZE],
+        );
         assert!(matches!(env.encode(), Err(EnvelopeError::TooLarge { .. })));
     }
 
     #[test]
     fn tampered_payload_fails_the_id_check() -> Result<(), EnvelopeError> {
-        let env = Envelope::new(Kind::Publish, peer(), None, 1, b"pay 10".to_vec());
+        let env = Envelope::new(Kind::Publish, &signer(), None, 1, b"pay 10".to_vec());
         let mut bytes = env.encode()?;
         let pos = bytes.windows(6).position(|w| w == b"pay 10").unwrap_or(0);
         bytes[pos + 4] = b'9';
@@ -308,16 +392,121 @@ mod tests {
     }
 
     #[test]
+    fn only_the_senders_signature_is_accepted() -> Result<(), EnvelopeError> {
+        let (alice, mallory) = (signer(), signer());
+        let env = Envelope::new(Kind::Publish, &alice, None, 1, b"hello".to_vec());
+        let good = wire_of(&env)?;
+
+        // A flipped bit anywhere in the signature.
+        let mut flipped = wire_of(&env)?;
+        flipped.sig[17] ^= 0x04;
+        // Mallory's signature over the same id, on an envelope naming alice.
+        let mut resigned = wire_of(&env)?;
+        resigned.sig = ByteBuf::from(mallory.sign(&signed_bytes(&env.id())).to_bytes().to_vec());
+        // Mallory's envelope relabelled with alice as sender: the id then mismatches, and
+        // with a recomputed id the signature is not alice's.
+        let theirs = Envelope::new(Kind::Publish, &mallory, None, 1, b"hello".to_vec());
+        let mut relabelled = wire_of(&theirs)?;
+        relabelled.sender = good.sender.clone();
+        relabelled.id = ByteBuf::from(env.id().0.to_vec());
+        // No signature, and one of the wrong length.
+        let mut empty = wire_of(&env)?;
+        empty.sig = ByteBuf::new();
+        let mut short = wire_of(&env)?;
+        short.sig.truncate(63);
+
+        for (what, wire) in [
+            ("flipped", flipped),
+            ("resigned", resigned),
+            ("relabelled", relabelled),
+            ("empty", empty),
+            ("short", short),
+        ] {
+            let err = Envelope::decode(&bytes_of(&wire)?, MAX_ENVELOPE_SIZE).unwrap_err();
+            assert!(
+                matches!(err, EnvelopeError::BadSignature(p) if p == alice.peer_id()),
+                "{what}: {err}"
+            );
+        }
+        assert!(Envelope::decode(&bytes_of(&good)?, MAX_ENVELOPE_SIZE).is_ok());
+        Ok(())
+    }
+
+    #[test]
+    fn a_sender_without_an_inline_key_is_refused() -> Result<(), EnvelopeError> {
+        let env = Envelope::new(Kind::Publish, &signer(), None, 1, vec![]);
+        let mut wire = wire_of(&env)?;
+        let hashed = libp2p::multihash::Multihash::<64>::wrap(0x12, &[9; 32])
+            .map_err(|e| EnvelopeError::Malformed(e.to_string()))?;
+        let rsa_like = PeerId::from_multihash(hashed)
+            .map_err(|_| EnvelopeError::Malformed("peer id".into()))?;
+        wire.sender = ByteBuf::from(rsa_like.to_bytes());
+        wire.id = ByteBuf::from(
+            compute_id(Kind::Publish, &rsa_like, None, 1, &[])
+                .0
+                .to_vec(),
+        );
+        let err = Envelope::decode(&bytes_of(&wire)?, MAX_ENVELOPE_SIZE).unwrap_err();
+        assert!(
+            matches!(err, EnvelopeError::NotEd25519(p) if p == rsa_like),
+            "{err}"
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn only_the_canonical_encoding_is_accepted() -> Result<(), EnvelopeError> {
+        let env = Envelope::new(Kind::Publish, &signer(), None, 5, b"x".to_vec());
+        let wire = wire_of(&env)?;
+        // The same fields in another order.
+        #[derive(Serialize)]
+        struct Reordered<'a> {
+            sig: &'a ByteBuf,
+            v: u8,
+            id: &'a ByteBuf,
+            sender: &'a ByteBuf,
+            recipient: Option<&'a ByteBuf>,
+            kind: Kind,
+            ts: u64,
+            payload: &'a ByteBuf,
+        }
+        let reordered = Reordered {
+            sig: &wire.sig,
+            v: wire.v,
+            id: &wire.id,
+            sender: &wire.sender,
+            recipient: wire.recipient.as_ref(),
+            kind: wire.kind,
+            ts: wire.ts,
+            payload: &wire.payload,
+        };
+        // One field more.
+        #[derive(Serialize)]
+        struct Extra<'a> {
+            #[serde(flatten)]
+            wire: &'a Wire,
+            extra: u8,
+        }
+        let extra = Extra {
+            wire: &wire,
+            extra: 0,
+        };
+        for bytes in [bytes_of(&reordered)?, bytes_of(&extra)?] {
+            let err = Envelope::decode(&bytes, MAX_ENVELOPE_SIZE).unwrap_err();
+            assert!(matches!(err, EnvelopeError::NonCanonical), "{err}");
+        }
+        // The borrowing encoder writes exactly what the owning wire type would.
+        assert_eq!(bytes_of(&wire)?, env.encode()?);
+        Ok(())
+    }
+
+    #[test]
     fn other_versions_are_refused() -> Result<(), EnvelopeError> {
-        let env = Envelope::new(Kind::Publish, peer(), None, 1, vec![]);
-        let mut wire: Wire = ciborium::from_reader(&env.encode()?[..])
-            .map_err(|e| EnvelopeError::Malformed(e.to_string()))?;
-        wire.v = 2;
-        let mut bytes = Vec::new();
-        ciborium::into_writer(&wire, &mut bytes)
-            .map_err(|e| EnvelopeError::Malformed(e.to_string()))?;
-        let err = Envelope::decode(&bytes, MAX_ENVELOPE_SIZE).unwrap_err();
-        assert!(matches!(err, EnvelopeError::UnsupportedVersion(2)));
+        let env = Envelope::new(Kind::Publish, &signer(), None, 1, vec![]);
+        let mut wire = wire_of(&env)?;
+        wire.v = 1;
+        let err = Envelope::decode(&bytes_of(&wire)?, MAX_ENVELOPE_SIZE).unwrap_err();
+        assert!(matches!(err, EnvelopeError::UnsupportedVersion(1)));
         Ok(())
     }
 
@@ -330,7 +519,7 @@ mod tests {
         #[test]
         fn round_trip(payload in proptest::collection::vec(any::<u8>(), 0..2048), ts: u64, direct: bool) {
             let recipient = direct.then(peer);
-            let env = Envelope::new(if direct { Kind::Direct } else { Kind::Publish }, peer(), recipient, ts, payload);
+            let env = Envelope::new(if direct { Kind::Direct } else { Kind::Publish }, &signer(), recipient, ts, payload);
             let back = Envelope::decode(&env.encode().unwrap(), MAX_ENVELOPE_SIZE).unwrap();
             prop_assert_eq!(back, env);
         }

@@ -3,8 +3,9 @@
 //! This crate holds what crosses the network and nothing that decides policy:
 //!
 //! - [`Envelope`]: the versioned CBOR envelope every agentmesh message travels in
-//!   (gossip today, direct messages later), decoded with a size limit and checked
-//!   against its content-hash id.
+//!   (gossip today, direct messages later), signed by its sender, decoded with a size
+//!   limit and checked against its content-hash id and the sender's signature.
+//! - [`identity`]: Ed25519 node identities, between peer ids and signing keys.
 //! - [`blob`]: the content-addressed blob protocol (`/agentmesh/blob/2.0.0`):
 //!   manifest and chunk requests over request-response, length-prefixed CBOR with
 //!   explicit limits, chunk bytes sent raw after the response head.
@@ -21,11 +22,11 @@
 //! # Usage
 //!
 //! ```
-//! use agentmesh_protocols::{Envelope, Kind};
+//! use agentmesh_protocols::{identity::NodeSigner, Envelope, Kind};
 //! use libp2p::identity::Keypair;
 //!
-//! let sender = Keypair::generate_ed25519().public().to_peer_id();
-//! let env = Envelope::new(Kind::Publish, sender, None, 1_700_000_000_000, b"hello".to_vec());
+//! let signer = NodeSigner::from_keypair(&Keypair::generate_ed25519()).unwrap();
+//! let env = Envelope::new(Kind::Publish, &signer, None, 1_700_000_000_000, b"hello".to_vec());
 //! let bytes = env.encode().unwrap();
 //! let back = Envelope::decode(&bytes, agentmesh_protocols::MAX_ENVELOPE_SIZE).unwrap();
 //! assert_eq!(back.id(), env.id());
@@ -36,6 +37,7 @@ mod behaviour;
 pub mod blob;
 mod codec;
 mod envelope;
+pub mod identity;
 pub mod jobs;
 pub mod raft;
 pub mod seal;
