@@ -1,5 +1,6 @@
 //! Aggregating client updates: FedAvg and the Byzantine-robust rules Krum,
-//! Multi-Krum, coordinate-wise trimmed mean and median, and Bulyan.
+//! Multi-Krum, coordinate-wise trimmed mean and median, and Bulyan, optionally
+//! after nearest-neighbour mixing ([`Mixing`]).
 //!
 //! Updates go through [`validate`] first: wrong-length, non-finite and empty
 //! updates are rejected there, with the reason, and only the accepted ones
@@ -12,7 +13,10 @@ mod coordinate;
 mod distance;
 mod krum;
 mod mean;
+mod mixing;
 mod parallel;
+
+pub use mixing::Mixing;
 
 use serde::{Deserialize, Serialize};
 

@@ -9,7 +9,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::aggregate::{validate, AggregateError, Aggregator, Update};
+use crate::aggregate::{validate, AggregateError, Aggregator, Mixing, Update};
 use crate::attack::Attack;
 use crate::data::Dataset;
 use crate::model::{Architecture, Model, ModelError};
@@ -40,6 +40,9 @@ pub struct SimulationConfig {
     pub train: TrainConfig,
     /// The aggregation rule.
     pub aggregator: Aggregator,
+    /// Run on the updates before the rule.
+    #[serde(default)]
+    pub mixing: Mixing,
     /// Byzantine clients, if any.
     pub attackers: Option<Attackers>,
     /// Update-level (client-level) DP applied by the server, if any. All
@@ -61,6 +64,7 @@ impl SimulationConfig {
             rounds,
             train,
             aggregator: Aggregator::FedAvg,
+            mixing: Mixing::None,
             attackers: None,
             privacy: None,
             dp_sgd_delta: 1e-5,
@@ -219,10 +223,14 @@ pub fn simulate(
         let mut aggregate = if accepted == 0 {
             None
         } else {
+            let mixed = config
+                .mixing
+                .apply(&validated.accepted)
+                .map_err(|source| SimulationError::Aggregate { round, source })?;
             Some(
                 config
                     .aggregator
-                    .aggregate(&validated.accepted)
+                    .aggregate(&mixed)
                     .map_err(|source| SimulationError::Aggregate { round, source })?,
             )
         };

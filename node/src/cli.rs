@@ -228,6 +228,10 @@ pub struct SubmitArgs {
     /// β for trimmed_mean.
     #[arg(long)]
     pub trim_ratio: Option<f64>,
+    /// none, or nnm: mix each update with its n - f nearest (f = --byzantine) before the
+    /// aggregator.
+    #[arg(long)]
+    pub mixing: Option<String>,
     /// Fewest valid updates a round needs.
     #[arg(long)]
     pub min_participants: Option<usize>,
@@ -362,6 +366,10 @@ pub struct AggregateArgs {
     /// Fraction trimmed from each side (trimmed_mean).
     #[arg(long, default_value_t = 0.1)]
     pub beta: f64,
+    /// Run on the updates before the rule: none, or nnm (each update replaced by the mean
+    /// of the n - f nearest; Allouah et al. 2023).
+    #[arg(long, default_value = "none")]
+    pub mixing: String,
     /// Example count of each update, for FedAvg's weights: a JSON array or one number per
     /// line, in the order of the updates [default: all 1].
     #[arg(long)]

@@ -4,8 +4,8 @@
 use crate::cli::{AggregateArgs, DatasetCommand, SimulateArgs, SplitArgs};
 use agentmesh_federated::{
     decode_params, digits_report, encode_params, partition, read_npy, validate, write_npy,
-    write_shards, Aggregator, Architecture, CheckpointError, Content, Dataset, NpyError, Partition,
-    ReportConfig, Standardizer, Update, MAX_MODEL_FILE_SIZE,
+    write_shards, Aggregator, Architecture, CheckpointError, Content, Dataset, Mixing, NpyError,
+    Partition, ReportConfig, Standardizer, Update, MAX_MODEL_FILE_SIZE,
 };
 use anyhow::{bail, Context, Result};
 use serde_json::json;
@@ -160,6 +160,7 @@ fn read_weights(path: &Path, n: usize) -> Result<Vec<u64>> {
 pub fn aggregate(args: &AggregateArgs) -> Result<()> {
     let n = args.updates.len();
     let rule = Aggregator::from_method(&args.method, args.f, args.m, args.beta, n)?;
+    let mixing = Mixing::from_name(&args.mixing, args.f)?;
     let weights = match &args.weights {
         Some(path) => read_weights(path, n)?,
         None => vec![1; n],
@@ -206,7 +207,8 @@ pub fn aggregate(args: &AggregateArgs) -> Result<()> {
     for (i, reason) in &rejected {
         eprintln!("rejected {}: {reason}", args.updates[*i].display());
     }
-    let mut result = rule.aggregate(&checked.accepted)?;
+    let mixed = mixing.apply(&checked.accepted)?;
+    let mut result = rule.aggregate(&mixed)?;
     // Positions in `updates` back to positions on the command line.
     for i in &mut result.selected {
         *i = files[*i];
@@ -242,6 +244,7 @@ pub fn aggregate(args: &AggregateArgs) -> Result<()> {
             "{}",
             serde_json::to_string_pretty(&json!({
                 "method": rule.name(),
+                "mixing": mixing.name(),
                 "out": args.out,
                 "parameters": result.delta.len(),
                 "accepted": checked.accepted.len(),

@@ -113,6 +113,43 @@ fn aggregate_rejects_bad_updates_and_applies_the_rule() -> Result<()> {
     // Median of 0,1,2,3,4,1000: the mean of the middle two, 2.5 — the attacker cannot drag it.
     assert!(median.iter().all(|x| (*x - 2.5).abs() < 1e-6), "{median:?}");
 
+    // After nearest-neighbour mixing (f = 1) each honest update is the mean of the five
+    // honest ones (2.0) and the far one is mixed toward them, so the median is exactly 2.0.
+    let out_path = d.join("nnm.npy");
+    let mut args = vec![
+        "aggregate",
+        "--method",
+        "median",
+        "--mixing",
+        "nnm",
+        "-f",
+        "1",
+    ];
+    args.extend(["--json", "--out", out_path.to_str().unwrap_or_default()]);
+    args.extend(files[..6].iter().map(String::as_str));
+    let v = json_of(&run(&args)?)?;
+    assert_eq!(v["mixing"], "nnm", "{v}");
+    let (_, mixed) = read_npy(&std::fs::read(&out_path)?)?;
+    assert!(mixed.iter().all(|x| (*x - 2.0).abs() < 1e-6), "{mixed:?}");
+    // Mixing needs n ≥ 2f + 1, and a known name.
+    for (mixing, f, needle) in [("nnm", "3", "at least 7"), ("buckets", "1", "none or nnm")] {
+        let mut args = vec![
+            "aggregate",
+            "--method",
+            "median",
+            "--mixing",
+            mixing,
+            "-f",
+            f,
+        ];
+        args.extend(["--out", out_path.to_str().unwrap_or_default()]);
+        args.extend(files[..6].iter().map(String::as_str));
+        let out = run(&args)?;
+        assert!(!out.status.success());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(needle), "{mixing} f={f}: {stderr}");
+    }
+
     // Krum with f = 1 never picks the far update.
     let out_path = d.join("krum.npy");
     let mut args = vec![
@@ -200,7 +237,14 @@ fn simulate_reports_a_robust_rule_surviving_sign_flip_that_fedavg_does_not() -> 
         .as_array()
         .cloned()
         .unwrap_or_default();
-    assert_eq!(summary.len(), 6, "{summary:?}");
+    // Six rules, then trimmed mean and median again after nearest-neighbour mixing.
+    assert_eq!(summary.len(), 8, "{summary:?}");
+    assert!(
+        summary[6..].iter().all(|r| r["aggregator"]
+            .as_str()
+            .is_some_and(|a| a.ends_with("after NNM { f: 1 }"))),
+        "{summary:?}"
+    );
     for r in &summary {
         let attacked = r["attacked"].as_array().cloned().unwrap_or_default();
         assert_eq!(attacked.len(), 5, "{r}");

@@ -103,6 +103,30 @@ fn naive_bulyan(rows: &[Vec<f32>], f: usize) -> (Vec<usize>, Vec<f64>) {
     (picked, out)
 }
 
+/// Nearest-neighbour mixing (Allouah et al. 2023): row i becomes the mean of the n − f rows
+/// nearest it, ties to the lower index.
+fn naive_nnm(rows: &[Vec<f32>], f: usize) -> Vec<Vec<f64>> {
+    let n = rows.len();
+    (0..n)
+        .map(|i| {
+            let mut order: Vec<(f64, usize)> = (0..n)
+                .map(|j| (naive_dist(&rows[i], &rows[j]), j))
+                .collect();
+            order.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+            let k = n - f;
+            (0..rows[0].len())
+                .map(|c| {
+                    order[..k]
+                        .iter()
+                        .map(|&(_, j)| f64::from(rows[j][c]))
+                        .sum::<f64>()
+                        / k as f64
+                })
+                .collect()
+        })
+        .collect()
+}
+
 // ---- helpers --------------------------------------------------------------
 
 fn valid(rows: &[Vec<f32>]) -> ValidUpdates {
@@ -264,7 +288,73 @@ proptest! {
     }
 }
 
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    #[test]
+    fn nnm_matches_definition(rows in rows_strategy(1..16), f in 0usize..8) {
+        prop_assume!(rows.len() > 2 * f);
+        let v = valid(&rows);
+        let mixed = Mixing::Nnm { f }.apply(&v).unwrap();
+        prop_assert_eq!(mixed.len(), v.len());
+        prop_assert_eq!(mixed.origin(), v.origin());
+        for (got, want) in mixed.updates().iter().zip(naive_nnm(&rows, f)) {
+            close(&got.delta, &want, 1e-5)?;
+            prop_assert_eq!(got.examples, 1);
+        }
+        // No mixing leaves the updates as they are.
+        prop_assert_eq!(&*Mixing::None.apply(&v).unwrap(), &v);
+    }
+
+    /// After mixing, f attackers far from the honest updates cannot drag a coordinate-wise
+    /// rule outside the honest range: each honest update is mixed only with honest ones.
+    #[test]
+    fn nnm_keeps_far_attackers_out_of_honest_updates(
+        honest in prop::collection::vec(prop::collection::vec(-1.0f32..1.0, 8), 5..12),
+        f in 1usize..3,
+        far in 50.0f32..1e4,
+    ) {
+        let mut rows = honest.clone();
+        for a in 0..f {
+            rows.push(vec![far * (a as f32 + 1.0); 8]);
+        }
+        let h = honest.len();
+        prop_assume!(h > f);
+        let v = valid(&rows);
+        let mixed = Mixing::Nnm { f }.apply(&v).unwrap();
+        for u in &mixed.updates()[..h] {
+            for (k, &g) in u.delta.iter().enumerate() {
+                let c = column(&honest, k);
+                prop_assert!(f64::from(g) >= c[0] - 1e-5 && f64::from(g) <= c[h - 1] + 1e-5);
+            }
+        }
+    }
+}
+
 // ---- examples -------------------------------------------------------------
+
+#[test]
+fn nnm_preconditions_and_names() {
+    let rows = vec![vec![1.0f32, 2.0]; 4];
+    let v = valid(&rows);
+    assert_eq!(
+        Mixing::Nnm { f: 2 }.apply(&v).map(|_| ()),
+        Err(AggregateError::TooFewUpdates {
+            method: "nnm",
+            n: 4,
+            f: 2,
+            needed: 5
+        })
+    );
+    assert!(Mixing::Nnm { f: 1 }.apply(&v).is_ok());
+    assert_eq!(Mixing::from_name("nnm", 3), Ok(Mixing::Nnm { f: 3 }));
+    assert_eq!(Mixing::from_name("none", 3), Ok(Mixing::None));
+    let err = Mixing::from_name("bucketing", 1).unwrap_err();
+    assert!(err.to_string().contains("expected none or nnm"), "{err}");
+    for m in [Mixing::None, Mixing::Nnm { f: 1 }] {
+        assert_eq!(Mixing::from_name(m.name(), 1), Ok(m));
+    }
+}
 
 #[test]
 fn validation_rejects_with_reasons() {

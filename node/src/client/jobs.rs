@@ -44,6 +44,7 @@ pub(crate) fn build_spec(args: &SubmitArgs) -> Result<Value> {
     set("aggregator", args.aggregator.clone().map(Value::from));
     set("byzantine", args.byzantine.map(Value::from));
     set("trim_ratio", args.trim_ratio.map(Value::from));
+    set("mixing", args.mixing.clone().map(Value::from));
     set("min_participants", args.min_participants.map(Value::from));
     set(
         "round_timeout_secs",

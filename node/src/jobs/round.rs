@@ -39,8 +39,12 @@ pub(super) fn aggregate(
     let n = checked.accepted.len();
     let rule = spec.aggregator(n)?;
     rule.check(n).map_err(|e| format!("aggregator: {e}"))?;
+    let mixed = spec
+        .mixing()?
+        .apply(&checked.accepted)
+        .map_err(|e| format!("mixing: {e}"))?;
     let mut agg = rule
-        .aggregate(&checked.accepted)
+        .aggregate(&mixed)
         .map_err(|e| format!("aggregator: {e}"))?;
     if let (Some(std), Some(seed)) = (spec.central_noise_std(n), noise_seed) {
         let mut rng = ChaCha20Rng::from_seed(seed);
@@ -69,4 +73,54 @@ pub(super) fn epsilon(spec: &JobSpec, rounds: u32) -> Option<f64> {
     let budget = PrivacyBudget::new(1.0, p.noise_multiplier, p.delta, f64::INFINITY).ok()?;
     let e = budget.epsilon_after(u64::from(rounds));
     e.is_finite().then_some(e)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use agentmesh_federated::Architecture;
+
+    fn spec(extra: &str) -> JobSpec {
+        JobSpec::parse(&format!(
+            r#"{{"model":"softmax","dataset_features":2,"classes":2,"rounds":1{extra}}}"#
+        ))
+        .expect("a valid job")
+    }
+
+    /// Four honest updates 0..3 and one far away: the median moves by the attacker's presence
+    /// (2.0, the third of five), the median after mixing with f = 1 is the honest mean (1.5).
+    #[test]
+    fn the_jobs_mixing_runs_before_its_rule() {
+        let arch = Architecture::Softmax {
+            inputs: 2,
+            classes: 2,
+        };
+        let zero = Model::from_params(arch.clone(), vec![0.0; arch.num_params()]).expect("model");
+        let mut updates: Vec<(Vec<f32>, u64)> = (0..4)
+            .map(|i| (vec![i as f32; arch.num_params()], 10))
+            .collect();
+        updates.push((vec![1000.0; arch.num_params()], 10));
+        let result = |extra: &str| {
+            aggregate(&spec(extra), &zero, &updates, None)
+                .map(|o| o.model.params().to_vec())
+                .expect("aggregates")
+        };
+        let plain = result(r#","aggregator":"median","byzantine":1"#);
+        assert!(plain.iter().all(|&v| v == 2.0), "{plain:?}");
+        let mixed = result(r#","aggregator":"median","byzantine":1,"mixing":"nnm""#);
+        assert!(mixed.iter().all(|&v| v == 1.5), "{mixed:?}");
+        // A round too small for the mixing fails with the reason.
+        let err = aggregate(
+            &spec(r#","aggregator":"median","byzantine":3,"mixing":"nnm""#),
+            &zero,
+            &updates,
+            None,
+        )
+        .err()
+        .unwrap_or_default();
+        assert!(
+            err.contains("mixing") && err.contains("at least 7"),
+            "{err}"
+        );
+    }
 }

@@ -2,7 +2,7 @@
 //! before anything is committed.
 
 use agentmesh_consensus::{MAX_JOB_SPEC_LEN, MAX_ROUNDS};
-use agentmesh_federated::{Aggregator, Architecture, TrainConfig};
+use agentmesh_federated::{Aggregator, Architecture, Mixing, TrainConfig};
 use serde::{Deserialize, Serialize};
 
 /// Longest round timeout a job may ask for.
@@ -44,6 +44,10 @@ pub struct JobSpec {
     /// β for trimmed mean: the fraction cut from each side.
     #[serde(default = "trim")]
     pub trim_ratio: f64,
+    /// `none`, or `nnm`: nearest-neighbour mixing of the updates (with f = `byzantine`)
+    /// before the rule.
+    #[serde(default = "no_mixing")]
+    pub mixing: String,
     /// Multi-Krum: updates to average [default: n − f].
     #[serde(default)]
     pub multikrum_m: Option<usize>,
@@ -98,6 +102,9 @@ fn fedavg() -> String {
 fn trim() -> f64 {
     0.1
 }
+fn no_mixing() -> String {
+    "none".into()
+}
 fn timeout() -> u64 {
     60
 }
@@ -145,9 +152,19 @@ impl JobSpec {
             ));
         }
         // The rule must exist, and suit the smallest round the job accepts.
-        let rule = self.aggregator(self.min_participants.max(self.needed_for_rule()))?;
-        rule.check(self.min_participants.max(self.needed_for_rule()))
+        let smallest = self.min_participants.max(self.needed_for_rule());
+        let rule = self.aggregator(smallest)?;
+        rule.check(smallest)
             .map_err(|e| format!("aggregator: {e}"))?;
+        let mixing = self.mixing()?;
+        if mixing != Mixing::None && self.byzantine == 0 {
+            return Err(format!(
+                "mixing {:?} mixes each update with the n − f nearest, so it needs byzantine \
+                 (f) of at least 1; with f = 0 every update becomes the plain mean",
+                self.mixing
+            ));
+        }
+        mixing.check(smallest).map_err(|e| format!("mixing: {e}"))?;
         if let Some(p) = &self.privacy {
             if !(p.clip_norm > 0.0 && p.clip_norm.is_finite()) {
                 return Err("privacy.clip_norm must be a positive number".into());
@@ -175,14 +192,21 @@ impl JobSpec {
         Ok(())
     }
 
-    /// The fewest updates the rule can work with.
+    /// The fewest updates the rule (and the mixing before it) can work with.
     fn needed_for_rule(&self) -> usize {
         let f = self.byzantine;
-        match self.aggregator.as_str() {
+        let rule = match self.aggregator.as_str() {
             "krum" | "multikrum" => 2 * f + 3,
             "bulyan" => 4 * f + 3,
             _ => 1,
-        }
+        };
+        let mixing = if self.mixing == "nnm" { 2 * f + 1 } else { 1 };
+        rule.max(mixing)
+    }
+
+    /// The mixing run on a round's updates before the rule.
+    pub fn mixing(&self) -> Result<Mixing, String> {
+        Mixing::from_name(&self.mixing, self.byzantine).map_err(|e| e.to_string())
     }
 
     /// The model architecture.
@@ -287,5 +311,26 @@ mod tests {
             "rounds",
         );
         bad("[1,2", "job spec");
+        bad(
+            &format!(r#"{{"model":"softmax",{base},"mixing":"buckets","byzantine":1}}"#),
+            "none or nnm",
+        );
+        bad(
+            &format!(r#"{{"model":"softmax",{base},"mixing":"nnm"}}"#),
+            "byzantine",
+        );
+    }
+
+    #[test]
+    fn mixing_is_off_unless_asked_and_sets_the_smallest_round() {
+        let base = r#""model":"softmax","dataset_features":64,"classes":10,"rounds":5"#;
+        let plain = JobSpec::parse(&format!("{{{base}}}")).unwrap();
+        assert_eq!(plain.mixing().unwrap(), Mixing::None);
+        let nnm = JobSpec::parse(&format!(
+            r#"{{{base},"aggregator":"median","mixing":"nnm","byzantine":2,"min_participants":5}}"#
+        ))
+        .unwrap();
+        assert_eq!(nnm.mixing().unwrap(), Mixing::Nnm { f: 2 });
+        assert_eq!(nnm.needed_for_rule(), 5);
     }
 }
