@@ -395,8 +395,8 @@ impl Jobs {
 }
 
 impl Ctx {
-    /// Files an announcement (from gossip, or our own: gossipsub does not deliver a node's
-    /// own messages back to it).
+    /// Files an announcement (from gossip, or our own: a node's own messages are not
+    /// delivered back to it, see `on_gossip_event`).
     fn file(&self, announcement: Announcement) {
         if let Ok(mut inbox) = self.inbox.lock() {
             inbox.push(Received {

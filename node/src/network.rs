@@ -883,7 +883,7 @@ impl Task {
             return Err(NetworkError::InvalidTopic(topic));
         }
         let size = data.len();
-        let env = Envelope::new(Kind::Publish, &self.signer, None, now_ms(), data);
+        let env = Envelope::publish(&self.signer, topic.clone(), now_ms(), data);
         let bytes = env.encode().map_err(|_| NetworkError::TooLarge {
             size,
             limit: MAX_ENVELOPE_SIZE,
@@ -1178,9 +1178,9 @@ impl Task {
         };
         use gossipsub::MessageAcceptance::{Accept, Ignore, Reject};
         // Runs once per message: gossipsub drops later copies by message id (a hash of
-        // the data) before they get here. The author is the envelope's sender, whose
-        // signature `Envelope::decode` checks; gossipsub's own source field is not
-        // validated (`ValidationMode::None`) and not used.
+        // the topic and the data) before they get here. The author is the envelope's
+        // sender, whose signature over everything the envelope says, topic included,
+        // `Envelope::decode` checks; gossipsub messages carry no author of their own.
         // (verdict, what a refusal costs the forwarder): a non-member forwarder or a bad
         // message is rejected (and scored); a member forwarding a message whose author this
         // node does not know as a member yet is ignored, not punished: the forwarder may
@@ -1196,6 +1196,19 @@ impl Task {
                     format!("a {:?} envelope on a gossip topic", env.kind()),
                     Reject,
                 )),
+                Ok(env) if env.topic() != Some(message.topic.as_str()) => Err((
+                    format!(
+                        "published for topic {:?}, replayed on {:?}",
+                        env.topic(),
+                        message.topic.as_str()
+                    ),
+                    Reject,
+                )),
+                // Our own message, come back after gossipsub forgot its id (a replay):
+                // not delivered again, and not forwarded.
+                Ok(env) if env.sender() == *self.swarm.local_peer_id() => {
+                    Err(("this node's own message, come back".to_string(), Ignore))
+                }
                 Ok(env) if !self.is_member(&env.sender()) => Err((
                     format!("published by {}, which is not a member", env.sender()),
                     Ignore,

@@ -15,7 +15,8 @@ use std::{num::NonZeroUsize, time::Duration};
 pub const IDENTIFY_PROTOCOL_VERSION: &str = "/agentmesh/1.0.0";
 
 /// Bytes gossipsub adds around an envelope in one published message: protobuf
-/// framing, topic, sequence number, source peer id, public key and signature.
+/// framing and the topic (messages are anonymous at the gossipsub layer; the room
+/// left for a source, sequence number and signature is a margin).
 const GOSSIP_FRAME_OVERHEAD: usize = 2048;
 
 /// Knobs of the mesh protocols. Every field has a reason in its doc; nothing is
@@ -133,16 +134,20 @@ pub struct MeshBehaviour {
 /// Domain separator of gossip message ids.
 const GOSSIP_ID_DOMAIN: &[u8] = b"agentmesh/gossip-message/v2";
 
-/// Gossip message id: SHA-256 over the whole published data, which is a signed
-/// envelope. A message that arrives by several paths is then a duplicate that costs
-/// one hash, before any decoding or signature check. Because the id covers the
-/// signature, a copy with a forged signature or altered bytes gets an id of its own
-/// and cannot get the genuine message's id marked as seen (gossipsub records ids
-/// before validation) to suppress it; envelopes decode only from their canonical
-/// encoding, so a genuine envelope has exactly one id.
+/// Gossip message id: SHA-256 over the gossipsub topic and the whole published data,
+/// which is a signed envelope. A message that arrives by several paths is then a
+/// duplicate that costs one hash, before any decoding or signature check. Because the
+/// id covers the signature and the topic it came on, a copy with a forged signature,
+/// altered bytes or replayed on another topic gets an id of its own and cannot get the
+/// genuine message's id marked as seen (gossipsub records ids before validation) to
+/// suppress it; envelopes decode only from their canonical encoding, so a genuine
+/// envelope has exactly one id.
 pub fn gossip_message_id(message: &gossipsub::Message) -> gossipsub::MessageId {
+    let topic = message.topic.as_str().as_bytes();
     let mut h = Sha256::new();
     h.update(GOSSIP_ID_DOMAIN);
+    h.update((topic.len() as u64).to_be_bytes());
+    h.update(topic);
     h.update(&message.data);
     gossipsub::MessageId::new(&h.finalize())
 }
@@ -227,14 +232,15 @@ impl MeshBehaviour {
             .mesh_n(config.mesh_n)
             .mesh_n_low(config.mesh_n_low)
             .mesh_n_high(config.mesh_n_high)
-            // The envelope carries its sender's signature, and the node checks it
-            // once per message, after duplicate suppression (`validate_messages`).
-            // Gossipsub's own checks run in its codec on every copy, before the
-            // duplicate check, and so would verify each message once per path it
-            // arrives by (5-7 times in a 30-node mesh); they are off. Published
-            // messages are still StrictSign-signed (`MessageAuthenticity::Signed`
-            // below), so peers that validate strictly accept them.
-            .validation_mode(gossipsub::ValidationMode::None)
+            // The envelope carries its sender's signature over everything it says
+            // (topic included), and the node checks it once per message, after
+            // duplicate suppression (`validate_messages`). Gossipsub's own signature
+            // (StrictSign) would be checked in its codec on every copy, before the
+            // duplicate check: once per path a message arrives by (5-7 times in a
+            // 30-node mesh). So gossipsub carries no author, sequence number or
+            // signature (`MessageAuthenticity::Anonymous` below), and refuses
+            // messages that do.
+            .validation_mode(gossipsub::ValidationMode::Anonymous)
             // Nothing is forwarded until the node has decoded the envelope and
             // checked its sender's signature.
             .validate_messages()
@@ -246,11 +252,9 @@ impl MeshBehaviour {
             .flood_publish(true)
             .build()
             .map_err(|e| BehaviourError::Gossipsub(e.to_string()))?;
-        let mut gossipsub = gossipsub::Behaviour::new(
-            gossipsub::MessageAuthenticity::Signed(keypair.clone()),
-            gossip_cfg,
-        )
-        .map_err(|e| BehaviourError::Gossipsub(e.to_string()))?;
+        let mut gossipsub =
+            gossipsub::Behaviour::new(gossipsub::MessageAuthenticity::Anonymous, gossip_cfg)
+                .map_err(|e| BehaviourError::Gossipsub(e.to_string()))?;
         gossipsub
             .with_peer_score(
                 peer_score_params(),
@@ -288,14 +292,14 @@ impl MeshBehaviour {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{identity::NodeSigner, Envelope, Kind};
+    use crate::{identity::NodeSigner, Envelope};
 
-    fn message(data: Vec<u8>) -> gossipsub::Message {
+    fn message(topic: &str, data: Vec<u8>) -> gossipsub::Message {
         gossipsub::Message {
             source: None,
             data,
             sequence_number: None,
-            topic: gossipsub::IdentTopic::new("t").hash(),
+            topic: gossipsub::IdentTopic::new(topic).hash(),
         }
     }
 
@@ -303,15 +307,17 @@ mod tests {
     fn a_forged_copy_cannot_take_the_genuine_messages_id() -> Result<(), Box<dyn std::error::Error>>
     {
         let alice = NodeSigner::from_keypair(&Keypair::generate_ed25519())?;
-        let data = Envelope::new(Kind::Publish, &alice, None, 1, b"hi".to_vec()).encode()?;
-        let genuine = gossip_message_id(&message(data.clone()));
+        let data = Envelope::publish(&alice, "t".into(), 1, b"hi".to_vec()).encode()?;
+        let genuine = gossip_message_id(&message("t", data.clone()));
         // The same data by another path: the same id, so a duplicate.
-        assert_eq!(gossip_message_id(&message(data.clone())), genuine);
+        assert_eq!(gossip_message_id(&message("t", data.clone())), genuine);
+        // The same bytes replayed on another topic: another id.
+        assert_ne!(gossip_message_id(&message("u", data.clone())), genuine);
         // Any changed byte (here the last one, inside the signature): another id.
         let mut forged = data;
         *forged.last_mut().ok_or("empty")? ^= 1;
         assert!(Envelope::decode(&forged, MAX_ENVELOPE_SIZE).is_err());
-        assert_ne!(gossip_message_id(&message(forged)), genuine);
+        assert_ne!(gossip_message_id(&message("t", forged)), genuine);
         Ok(())
     }
 }

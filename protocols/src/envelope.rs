@@ -18,7 +18,7 @@ pub const MAX_ENVELOPE_SIZE: usize = 1024 * 1024;
 
 /// Domain separator for the id hash, so an envelope id can never collide with a
 /// hash of some other agentmesh structure.
-const ID_DOMAIN: &[u8] = b"agentmesh/envelope/v1";
+const ID_DOMAIN: &[u8] = b"agentmesh/envelope/v2";
 
 /// Domain separator for the sender's signature, which is made over this and the id.
 const SIGNATURE_DOMAIN: &[u8] = b"agentmesh/envelope-signature/v2";
@@ -93,6 +93,10 @@ pub enum EnvelopeError {
     /// signed envelope has exactly one byte form, and so one gossip message id.
     #[error("envelope is not canonically encoded")]
     NonCanonical,
+    /// The kind does not match the addressing: a publish names a topic and no
+    /// recipient, a direct message a recipient and no topic.
+    #[error("a {0:?} envelope must name {1}")]
+    Addressing(Kind, &'static str),
 }
 
 /// The on-wire shape. Kept separate from [`Envelope`] so that decoding validates
@@ -103,6 +107,7 @@ struct Wire {
     id: ByteBuf,
     sender: ByteBuf,
     recipient: Option<ByteBuf>,
+    topic: Option<String>,
     kind: Kind,
     ts: u64,
     payload: ByteBuf,
@@ -117,6 +122,7 @@ struct WireRef<'a> {
     id: &'a Bytes,
     sender: &'a Bytes,
     recipient: Option<&'a Bytes>,
+    topic: Option<&'a str>,
     kind: Kind,
     ts: u64,
     payload: &'a Bytes,
@@ -131,6 +137,7 @@ pub struct Envelope {
     id: MessageId,
     sender: PeerId,
     recipient: Option<PeerId>,
+    topic: Option<String>,
     kind: Kind,
     timestamp_ms: u64,
     payload: Vec<u8>,
@@ -138,22 +145,64 @@ pub struct Envelope {
 }
 
 impl Envelope {
-    /// Builds an envelope from `signer`, computes its id and signs it.
-    /// `recipient: None` means broadcast.
-    pub fn new(
+    /// A message for gossip `topic`, built and signed by `signer`. The topic is
+    /// signed with the rest, so the message cannot be replayed on another topic.
+    pub fn publish(
+        signer: &NodeSigner,
+        topic: String,
+        timestamp_ms: u64,
+        payload: Vec<u8>,
+    ) -> Self {
+        Self::build(
+            Kind::Publish,
+            signer,
+            None,
+            Some(topic),
+            timestamp_ms,
+            payload,
+        )
+    }
+
+    /// A message for one peer, built and signed by `signer`.
+    pub fn direct(
+        signer: &NodeSigner,
+        recipient: PeerId,
+        timestamp_ms: u64,
+        payload: Vec<u8>,
+    ) -> Self {
+        Self::build(
+            Kind::Direct,
+            signer,
+            Some(recipient),
+            None,
+            timestamp_ms,
+            payload,
+        )
+    }
+
+    fn build(
         kind: Kind,
         signer: &NodeSigner,
         recipient: Option<PeerId>,
+        topic: Option<String>,
         timestamp_ms: u64,
         payload: Vec<u8>,
     ) -> Self {
         let sender = signer.peer_id();
-        let id = compute_id(kind, &sender, recipient.as_ref(), timestamp_ms, &payload);
+        let id = compute_id(
+            kind,
+            &sender,
+            recipient.as_ref(),
+            topic.as_deref(),
+            timestamp_ms,
+            &payload,
+        );
         let signature = signer.sign(&signed_bytes(&id));
         Self {
             id,
             sender,
             recipient,
+            topic,
             kind,
             timestamp_ms,
             payload,
@@ -169,9 +218,13 @@ impl Envelope {
     pub fn sender(&self) -> PeerId {
         self.sender
     }
-    /// The addressee, or `None` for a broadcast.
+    /// The addressee of a direct message.
     pub fn recipient(&self) -> Option<PeerId> {
         self.recipient
+    }
+    /// The gossip topic of a published message.
+    pub fn topic(&self) -> Option<&str> {
+        self.topic.as_deref()
     }
     /// What the payload is.
     pub fn kind(&self) -> Kind {
@@ -200,6 +253,7 @@ impl Envelope {
             id: Bytes::new(&self.id.0),
             sender: Bytes::new(&sender),
             recipient: recipient.as_deref().map(Bytes::new),
+            topic: self.topic.as_deref(),
             kind: self.kind,
             ts: self.timestamp_ms,
             payload: Bytes::new(&self.payload),
@@ -238,10 +292,26 @@ impl Envelope {
             .as_deref()
             .map(|b| parse_peer("recipient", b))
             .transpose()?;
+        match (wire.kind, recipient.is_some(), wire.topic.is_some()) {
+            (Kind::Publish, false, true) | (Kind::Direct, true, false) => {}
+            (Kind::Publish, ..) => {
+                return Err(EnvelopeError::Addressing(
+                    Kind::Publish,
+                    "a topic and no recipient",
+                ))
+            }
+            (Kind::Direct, ..) => {
+                return Err(EnvelopeError::Addressing(
+                    Kind::Direct,
+                    "a recipient and no topic",
+                ))
+            }
+        }
         let computed = compute_id(
             wire.kind,
             &sender,
             recipient.as_ref(),
+            wire.topic.as_deref(),
             wire.ts,
             &wire.payload,
         );
@@ -257,6 +327,7 @@ impl Envelope {
             id: computed,
             sender,
             recipient,
+            topic: wire.topic,
             kind: wire.kind,
             timestamp_ms: wire.ts,
             payload: wire.payload.into_vec(),
@@ -292,6 +363,7 @@ fn compute_id(
     kind: Kind,
     sender: &PeerId,
     recipient: Option<&PeerId>,
+    topic: Option<&str>,
     ts: u64,
     payload: &[u8],
 ) -> MessageId {
@@ -306,6 +378,14 @@ fn compute_id(
             h.update([1u8]);
             h.update((r.len() as u64).to_be_bytes());
             h.update(&r);
+        }
+        None => h.update([0u8]),
+    }
+    match topic {
+        Some(t) => {
+            h.update([1u8]);
+            h.update((t.len() as u64).to_be_bytes());
+            h.update(t.as_bytes());
         }
         None => h.update([0u8]),
     }
@@ -348,7 +428,7 @@ mod tests {
     #[test]
     fn round_trip_keeps_every_field() -> Result<(), EnvelopeError> {
         let (a, b) = (signer(), peer());
-        let env = Envelope::new(Kind::Direct, &a, Some(b), 42, vec![1, 2, 3]);
+        let env = Envelope::direct(&a, b, 42, vec![1, 2, 3]);
         let back = Envelope::decode(&env.encode()?, MAX_ENVELOPE_SIZE)?;
         assert_eq!(back, env);
         assert_eq!(back.sender(), a.peer_id());
@@ -370,19 +450,13 @@ mod tests {
 
     #[test]
     fn oversized_payload_cannot_be_encoded() {
-        let env = Envelope::new(
-            Kind::Publish,
-            &signer(),
-            None,
-            0,
-            vec![7; MAX_ENVELOPE_SIZE],
-        );
+        let env = Envelope::publish(&signer(), "t".into(), 0, vec![7; MAX_ENVELOPE_SIZE]);
         assert!(matches!(env.encode(), Err(EnvelopeError::TooLarge { .. })));
     }
 
     #[test]
     fn tampered_payload_fails_the_id_check() -> Result<(), EnvelopeError> {
-        let env = Envelope::new(Kind::Publish, &signer(), None, 1, b"pay 10".to_vec());
+        let env = Envelope::publish(&signer(), "t".into(), 1, b"pay 10".to_vec());
         let mut bytes = env.encode()?;
         let pos = bytes.windows(6).position(|w| w == b"pay 10").unwrap_or(0);
         bytes[pos + 4] = b'9';
@@ -394,7 +468,7 @@ mod tests {
     #[test]
     fn only_the_senders_signature_is_accepted() -> Result<(), EnvelopeError> {
         let (alice, mallory) = (signer(), signer());
-        let env = Envelope::new(Kind::Publish, &alice, None, 1, b"hello".to_vec());
+        let env = Envelope::publish(&alice, "t".into(), 1, b"hello".to_vec());
         let good = wire_of(&env)?;
 
         // A flipped bit anywhere in the signature.
@@ -405,7 +479,7 @@ mod tests {
         resigned.sig = ByteBuf::from(mallory.sign(&signed_bytes(&env.id())).to_bytes().to_vec());
         // Mallory's envelope relabelled with alice as sender: the id then mismatches, and
         // with a recomputed id the signature is not alice's.
-        let theirs = Envelope::new(Kind::Publish, &mallory, None, 1, b"hello".to_vec());
+        let theirs = Envelope::publish(&mallory, "t".into(), 1, b"hello".to_vec());
         let mut relabelled = wire_of(&theirs)?;
         relabelled.sender = good.sender.clone();
         relabelled.id = ByteBuf::from(env.id().0.to_vec());
@@ -433,8 +507,36 @@ mod tests {
     }
 
     #[test]
+    fn the_topic_is_signed_and_must_match_the_kind() -> Result<(), EnvelopeError> {
+        let alice = signer();
+        let env = Envelope::publish(&alice, "jobs".into(), 1, b"x".to_vec());
+        assert_eq!(
+            Envelope::decode(&env.encode()?, MAX_ENVELOPE_SIZE)?.topic(),
+            Some("jobs")
+        );
+        // Moved to another topic: the id no longer matches (and a recomputed id would not
+        // carry alice's signature).
+        let mut moved = wire_of(&env)?;
+        moved.topic = Some("models".into());
+        let err = Envelope::decode(&bytes_of(&moved)?, MAX_ENVELOPE_SIZE).unwrap_err();
+        assert!(matches!(err, EnvelopeError::IdMismatch { .. }), "{err}");
+        // A publish without a topic, or with a recipient; a direct message with a topic.
+        let mut no_topic = wire_of(&env)?;
+        no_topic.topic = None;
+        let mut addressed = wire_of(&env)?;
+        addressed.recipient = Some(ByteBuf::from(peer().to_bytes()));
+        let mut direct = wire_of(&Envelope::direct(&alice, peer(), 1, vec![]))?;
+        direct.topic = Some("jobs".into());
+        for wire in [no_topic, addressed, direct] {
+            let err = Envelope::decode(&bytes_of(&wire)?, MAX_ENVELOPE_SIZE).unwrap_err();
+            assert!(matches!(err, EnvelopeError::Addressing(..)), "{err}");
+        }
+        Ok(())
+    }
+
+    #[test]
     fn a_sender_without_an_inline_key_is_refused() -> Result<(), EnvelopeError> {
-        let env = Envelope::new(Kind::Publish, &signer(), None, 1, vec![]);
+        let env = Envelope::publish(&signer(), "t".into(), 1, vec![]);
         let mut wire = wire_of(&env)?;
         let hashed = libp2p::multihash::Multihash::<64>::wrap(0x12, &[9; 32])
             .map_err(|e| EnvelopeError::Malformed(e.to_string()))?;
@@ -442,7 +544,7 @@ mod tests {
             .map_err(|_| EnvelopeError::Malformed("peer id".into()))?;
         wire.sender = ByteBuf::from(rsa_like.to_bytes());
         wire.id = ByteBuf::from(
-            compute_id(Kind::Publish, &rsa_like, None, 1, &[])
+            compute_id(Kind::Publish, &rsa_like, None, Some("t"), 1, &[])
                 .0
                 .to_vec(),
         );
@@ -456,7 +558,7 @@ mod tests {
 
     #[test]
     fn only_the_canonical_encoding_is_accepted() -> Result<(), EnvelopeError> {
-        let env = Envelope::new(Kind::Publish, &signer(), None, 5, b"x".to_vec());
+        let env = Envelope::publish(&signer(), "t".into(), 5, b"x".to_vec());
         let wire = wire_of(&env)?;
         // The same fields in another order.
         #[derive(Serialize)]
@@ -466,6 +568,7 @@ mod tests {
             id: &'a ByteBuf,
             sender: &'a ByteBuf,
             recipient: Option<&'a ByteBuf>,
+            topic: Option<&'a String>,
             kind: Kind,
             ts: u64,
             payload: &'a ByteBuf,
@@ -476,6 +579,7 @@ mod tests {
             id: &wire.id,
             sender: &wire.sender,
             recipient: wire.recipient.as_ref(),
+            topic: wire.topic.as_ref(),
             kind: wire.kind,
             ts: wire.ts,
             payload: &wire.payload,
@@ -502,7 +606,7 @@ mod tests {
 
     #[test]
     fn other_versions_are_refused() -> Result<(), EnvelopeError> {
-        let env = Envelope::new(Kind::Publish, &signer(), None, 1, vec![]);
+        let env = Envelope::publish(&signer(), "t".into(), 1, vec![]);
         let mut wire = wire_of(&env)?;
         wire.v = 1;
         let err = Envelope::decode(&bytes_of(&wire)?, MAX_ENVELOPE_SIZE).unwrap_err();
@@ -518,8 +622,11 @@ mod tests {
 
         #[test]
         fn round_trip(payload in proptest::collection::vec(any::<u8>(), 0..2048), ts: u64, direct: bool) {
-            let recipient = direct.then(peer);
-            let env = Envelope::new(if direct { Kind::Direct } else { Kind::Publish }, &signer(), recipient, ts, payload);
+            let env = if direct {
+                Envelope::direct(&signer(), peer(), ts, payload)
+            } else {
+                Envelope::publish(&signer(), format!("topic-{ts}"), ts, payload)
+            };
             let back = Envelope::decode(&env.encode().unwrap(), MAX_ENVELOPE_SIZE).unwrap();
             prop_assert_eq!(back, env);
         }

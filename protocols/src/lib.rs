@@ -22,11 +22,11 @@
 //! # Usage
 //!
 //! ```
-//! use agentmesh_protocols::{identity::NodeSigner, Envelope, Kind};
+//! use agentmesh_protocols::{identity::NodeSigner, Envelope};
 //! use libp2p::identity::Keypair;
 //!
 //! let signer = NodeSigner::from_keypair(&Keypair::generate_ed25519()).unwrap();
-//! let env = Envelope::new(Kind::Publish, &signer, None, 1_700_000_000_000, b"hello".to_vec());
+//! let env = Envelope::publish(&signer, "news".into(), 1_700_000_000_000, b"hello".to_vec());
 //! let bytes = env.encode().unwrap();
 //! let back = Envelope::decode(&bytes, agentmesh_protocols::MAX_ENVELOPE_SIZE).unwrap();
 //! assert_eq!(back.id(), env.id());
