@@ -16,7 +16,7 @@ mod mean;
 mod mixing;
 mod parallel;
 
-pub use mixing::Mixing;
+pub use mixing::{Mixed, Mixing};
 
 use serde::{Deserialize, Serialize};
 
@@ -238,7 +238,8 @@ pub struct Aggregate {
     pub delta: Vec<f32>,
     /// Positions (in the list given to [`validate`]) of the updates the result
     /// was built from: the Krum family's picks in the order chosen; every
-    /// accepted update for the other rules.
+    /// accepted update for the other rules. After mixing
+    /// ([`Aggregator::aggregate_after`]): every update averaged into those, ascending.
     pub selected: Vec<usize>,
     /// Krum family: each accepted update's score in the first selection round,
     /// as `(position, score)`; empty otherwise.

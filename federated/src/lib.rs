@@ -71,8 +71,8 @@ mod simulate;
 mod trainer;
 
 pub use aggregate::{
-    validate, Aggregate, AggregateError, Aggregator, Mixing, RejectReason, Rejection, Update,
-    ValidUpdates, Validated,
+    validate, Aggregate, AggregateError, Aggregator, Mixed, Mixing, RejectReason, Rejection,
+    Update, ValidUpdates, Validated,
 };
 pub use attack::{alie_z_max, Attack};
 pub use checkpoint::{

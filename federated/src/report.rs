@@ -191,10 +191,11 @@ fn local(seed: u64) -> TrainConfig {
 
 /// The rules compared. Krum-family and trimmed mean are configured for the attackers; Bulyan
 /// needs n ≥ 4f + 3, so with few clients it gets the largest f that allows. The coordinate-wise
-/// rules run a second time after nearest-neighbour mixing for the attackers.
+/// rules run a second time after nearest-neighbour mixing for the attackers (when there are
+/// any: with f = 0 mixing would only average everything).
 fn aggregators(clients: usize, attackers: usize) -> Vec<(Aggregator, Mixing)> {
     let nnm = Mixing::Nnm { f: attackers };
-    vec![
+    let mut rules = vec![
         (Aggregator::FedAvg, Mixing::None),
         (Aggregator::Krum { f: attackers }, Mixing::None),
         (
@@ -212,9 +213,12 @@ fn aggregators(clients: usize, attackers: usize) -> Vec<(Aggregator, Mixing)> {
             },
             Mixing::None,
         ),
-        (Aggregator::TrimmedMean { beta: 0.2 }, nnm),
-        (Aggregator::Median, nnm),
-    ]
+    ];
+    if attackers > 0 {
+        rules.push((Aggregator::TrimmedMean { beta: 0.2 }, nnm));
+        rules.push((Aggregator::Median, nnm));
+    }
+    rules
 }
 
 /// A rule's name in the tables: the aggregator, and the mixing before it if any.

@@ -223,14 +223,10 @@ pub fn simulate(
         let mut aggregate = if accepted == 0 {
             None
         } else {
-            let mixed = config
-                .mixing
-                .apply(&validated.accepted)
-                .map_err(|source| SimulationError::Aggregate { round, source })?;
             Some(
                 config
                     .aggregator
-                    .aggregate(&mixed)
+                    .aggregate_after(&config.mixing, &validated.accepted)
                     .map_err(|source| SimulationError::Aggregate { round, source })?,
             )
         };

@@ -357,7 +357,7 @@ pub struct AggregateArgs {
     /// fedavg, krum, multikrum, trimmed_mean, median or bulyan.
     #[arg(long)]
     pub method: String,
-    /// Byzantine updates to tolerate (Krum, Multi-Krum, Bulyan).
+    /// Byzantine updates to tolerate (Krum, Multi-Krum, Bulyan, and --mixing nnm).
     #[arg(short = 'f', default_value_t = 0)]
     pub f: usize,
     /// Updates Multi-Krum averages [default: n - f].

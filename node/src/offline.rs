@@ -207,8 +207,7 @@ pub fn aggregate(args: &AggregateArgs) -> Result<()> {
     for (i, reason) in &rejected {
         eprintln!("rejected {}: {reason}", args.updates[*i].display());
     }
-    let mixed = mixing.apply(&checked.accepted)?;
-    let mut result = rule.aggregate(&mixed)?;
+    let mut result = rule.aggregate_after(&mixing, &checked.accepted)?;
     // Positions in `updates` back to positions on the command line.
     for i in &mut result.selected {
         *i = files[*i];

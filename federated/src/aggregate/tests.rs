@@ -292,10 +292,11 @@ proptest! {
     #![proptest_config(ProptestConfig::with_cases(64))]
 
     #[test]
-    fn nnm_matches_definition(rows in rows_strategy(1..16), f in 0usize..8) {
+    fn nnm_matches_definition(rows in rows_strategy(3..16), f in 1usize..8) {
         prop_assume!(rows.len() > 2 * f);
         let v = valid(&rows);
         let mixed = Mixing::Nnm { f }.apply(&v).unwrap();
+        let mixed = mixed.updates();
         prop_assert_eq!(mixed.len(), v.len());
         prop_assert_eq!(mixed.origin(), v.origin());
         for (got, want) in mixed.updates().iter().zip(naive_nnm(&rows, f)) {
@@ -303,7 +304,9 @@ proptest! {
             prop_assert_eq!(got.examples, 1);
         }
         // No mixing leaves the updates as they are.
-        prop_assert_eq!(&*Mixing::None.apply(&v).unwrap(), &v);
+        let unmixed = Mixing::None.apply(&v).unwrap();
+        prop_assert_eq!(unmixed.updates(), &v);
+        prop_assert_eq!(unmixed.sources(&[2, 0]), vec![2, 0]);
     }
 
     /// After mixing, f attackers far from the honest updates cannot drag a coordinate-wise
@@ -322,12 +325,15 @@ proptest! {
         prop_assume!(h > f);
         let v = valid(&rows);
         let mixed = Mixing::Nnm { f }.apply(&v).unwrap();
-        for u in &mixed.updates()[..h] {
-            for (k, &g) in u.delta.iter().enumerate() {
-                let c = column(&honest, k);
-                prop_assert!(f64::from(g) >= c[0] - 1e-5 && f64::from(g) <= c[h - 1] + 1e-5);
-            }
+        // Each honest update's n − f = h nearest are the h honest ones: it becomes their mean.
+        let honest_mean = naive_fedavg(&honest, &vec![1; h]);
+        for u in &mixed.updates().updates()[..h] {
+            close(&u.delta, &honest_mean, 1e-5)?;
         }
+        // And a rule that used honest updates only is reported as built from exactly them.
+        prop_assert_eq!(mixed.sources(&[0]), (0..h).collect::<Vec<_>>());
+        let median = Aggregator::Median.aggregate_after(&Mixing::Nnm { f }, &v).unwrap();
+        close(&median.delta, &honest_mean, 1e-5)?;
     }
 }
 
@@ -347,6 +353,10 @@ fn nnm_preconditions_and_names() {
         })
     );
     assert!(Mixing::Nnm { f: 1 }.apply(&v).is_ok());
+    let err = Mixing::Nnm { f: 0 }.apply(&v).unwrap_err();
+    assert!(err.to_string().contains("f ≥ 1"), "{err}");
+    assert_eq!(Mixing::Nnm { f: 3 }.min_updates(), 7);
+    assert_eq!(Mixing::None.min_updates(), 1);
     assert_eq!(Mixing::from_name("nnm", 3), Ok(Mixing::Nnm { f: 3 }));
     assert_eq!(Mixing::from_name("none", 3), Ok(Mixing::None));
     let err = Mixing::from_name("bucketing", 1).unwrap_err();

@@ -39,12 +39,10 @@ pub(super) fn aggregate(
     let n = checked.accepted.len();
     let rule = spec.aggregator(n)?;
     rule.check(n).map_err(|e| format!("aggregator: {e}"))?;
-    let mixed = spec
-        .mixing()?
-        .apply(&checked.accepted)
-        .map_err(|e| format!("mixing: {e}"))?;
+    let mixing = spec.mixing()?;
+    mixing.check(n).map_err(|e| format!("mixing: {e}"))?;
     let mut agg = rule
-        .aggregate(&mixed)
+        .aggregate_after(&mixing, &checked.accepted)
         .map_err(|e| format!("aggregator: {e}"))?;
     if let (Some(std), Some(seed)) = (spec.central_noise_std(n), noise_seed) {
         let mut rng = ChaCha20Rng::from_seed(seed);

@@ -46,7 +46,7 @@ pub struct JobSpec {
     pub trim_ratio: f64,
     /// `none`, or `nnm`: nearest-neighbour mixing of the updates (with f = `byzantine`)
     /// before the rule.
-    #[serde(default = "no_mixing")]
+    #[serde(default = "no_mixing", skip_serializing_if = "is_no_mixing")]
     pub mixing: String,
     /// Multi-Krum: updates to average [default: n − f].
     #[serde(default)]
@@ -104,6 +104,10 @@ fn trim() -> f64 {
 }
 fn no_mixing() -> String {
     "none".into()
+}
+// Left out of stored specs when off, so nodes that predate mixing can still read them.
+fn is_no_mixing(m: &str) -> bool {
+    m == "none"
 }
 fn timeout() -> u64 {
     60
@@ -164,6 +168,13 @@ impl JobSpec {
                 self.mixing
             ));
         }
+        if mixing != Mixing::None && self.privacy.is_some() {
+            return Err(format!(
+                "mixing {:?} and privacy cannot be combined: after mixing one update enters \
+                 up to n − f means, so the noise for a sensitivity of C/n would understate ε",
+                self.mixing
+            ));
+        }
         mixing.check(smallest).map_err(|e| format!("mixing: {e}"))?;
         if let Some(p) = &self.privacy {
             if !(p.clip_norm > 0.0 && p.clip_norm.is_finite()) {
@@ -200,8 +211,7 @@ impl JobSpec {
             "bulyan" => 4 * f + 3,
             _ => 1,
         };
-        let mixing = if self.mixing == "nnm" { 2 * f + 1 } else { 1 };
-        rule.max(mixing)
+        rule.max(self.mixing().map_or(1, |m| m.min_updates()))
     }
 
     /// The mixing run on a round's updates before the rule.
@@ -319,6 +329,12 @@ mod tests {
             &format!(r#"{{"model":"softmax",{base},"mixing":"nnm"}}"#),
             "byzantine",
         );
+        bad(
+            &format!(
+                r#"{{"model":"softmax",{base},"mixing":"nnm","byzantine":1,"privacy":{{"clip_norm":1,"noise_multiplier":1,"delta":1e-5}}}}"#
+            ),
+            "privacy cannot be combined",
+        );
     }
 
     #[test]
@@ -332,5 +348,9 @@ mod tests {
         .unwrap();
         assert_eq!(nnm.mixing().unwrap(), Mixing::Nnm { f: 2 });
         assert_eq!(nnm.needed_for_rule(), 5);
+        // Stored specs name the mixing only when it is on.
+        let stored = |s: &JobSpec| serde_json::to_value(s).unwrap();
+        assert_eq!(stored(&nnm)["mixing"], "nnm");
+        assert!(stored(&plain).get("mixing").is_none());
     }
 }
