@@ -242,7 +242,8 @@ pub struct Aggregate {
     /// ([`Aggregator::aggregate_after`]): every update averaged into those, ascending.
     pub selected: Vec<usize>,
     /// Krum family: each accepted update's score in the first selection round,
-    /// as `(position, score)`; empty otherwise.
+    /// as `(position, score)`; empty otherwise. After mixing, the score of the
+    /// mixed update at that position.
     pub scores: Vec<(usize, f64)>,
 }
 

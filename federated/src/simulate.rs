@@ -133,6 +133,13 @@ pub enum SimulationError {
         /// Attackers asked for.
         attackers: usize,
     },
+    /// Mixing before the rule together with central noise: an update then enters up to
+    /// n − f means, so noise sized for a sensitivity of C/n would understate ε.
+    #[error(
+        "mixing {0:?} cannot be combined with central DP noise: after mixing one update \
+         enters up to n − f means, so the reported ε would be too low"
+    )]
+    MixingWithCentralNoise(Mixing),
 }
 
 impl From<AccountantError> for SimulationError {
@@ -157,6 +164,9 @@ pub fn simulate(
     }
     if let Some(p) = &config.privacy {
         p.validate()?;
+        if p.mode == NoiseMode::Central && config.mixing != Mixing::None {
+            return Err(SimulationError::MixingWithCentralNoise(config.mixing));
+        }
     }
     let mut global = Model::new(config.architecture.clone(), config.seed)?;
     let mut server_rng = ChaCha8Rng::seed_from_u64(config.seed ^ 0x5eed_5e7e);
@@ -551,6 +561,17 @@ mod tests {
         let mut acc = crate::privacy::RdpAccountant::new();
         acc.compose_poisson_gaussian(1.0, 1.0, 8)?;
         assert!((eps[7] - acc.epsilon(1e-5)?.0).abs() < 1e-9);
+        // Mixing would change one update's sensitivity, which the accountant assumes.
+        let mixed = SimulationConfig {
+            mixing: Mixing::Nnm { f: 1 },
+            ..cfg
+        };
+        assert!(matches!(
+            simulate(&mixed, &shards, &test),
+            Err(SimulationError::MixingWithCentralNoise(Mixing::Nnm {
+                f: 1
+            }))
+        ));
         Ok(())
     }
 }

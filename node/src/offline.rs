@@ -161,6 +161,8 @@ pub fn aggregate(args: &AggregateArgs) -> Result<()> {
     let n = args.updates.len();
     let rule = Aggregator::from_method(&args.method, args.f, args.m, args.beta, n)?;
     let mixing = Mixing::from_name(&args.mixing, args.f)?;
+    // Fail before reading any file on what the command line alone settles.
+    mixing.check(n)?;
     let weights = match &args.weights {
         Some(path) => read_weights(path, n)?,
         None => vec![1; n],

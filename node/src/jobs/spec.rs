@@ -168,10 +168,11 @@ impl JobSpec {
                 self.mixing
             ));
         }
-        if mixing != Mixing::None && self.privacy.is_some() {
+        if mixing != Mixing::None && self.privacy.as_ref().is_some_and(|p| p.mode == "central") {
             return Err(format!(
-                "mixing {:?} and privacy cannot be combined: after mixing one update enters \
-                 up to n − f means, so the noise for a sensitivity of C/n would understate ε",
+                "mixing {:?} and central privacy cannot be combined: after mixing one update \
+                 enters up to n − f means, so noise for a sensitivity of C/n would understate ε \
+                 (local noise, added by each sender before mixing, is unaffected)",
                 self.mixing
             ));
         }
@@ -333,7 +334,7 @@ mod tests {
             &format!(
                 r#"{{"model":"softmax",{base},"mixing":"nnm","byzantine":1,"privacy":{{"clip_norm":1,"noise_multiplier":1,"delta":1e-5}}}}"#
             ),
-            "privacy cannot be combined",
+            "central privacy cannot be combined",
         );
     }
 
