@@ -161,6 +161,15 @@ fn rows_strategy(n: std::ops::Range<usize>) -> impl Strategy<Value = Vec<Vec<f32
     })
 }
 
+/// The honest rows followed by `f` attackers, attacker a at `far · (a + 1)` on every
+/// coordinate.
+fn with_far_attackers(honest: &[Vec<f32>], f: usize, far: f32) -> Vec<Vec<f32>> {
+    let dim = honest[0].len();
+    let mut rows = honest.to_vec();
+    rows.extend((0..f).map(|a| vec![far * (a as f32 + 1.0); dim]));
+    rows
+}
+
 fn run(agg: &Aggregator, rows: &[Vec<f32>]) -> Aggregate {
     agg.aggregate(&valid(rows)).unwrap()
 }
@@ -262,10 +271,7 @@ proptest! {
         f in 1usize..3,
         far in 50.0f32..1e4,
     ) {
-        let mut rows = honest.clone();
-        for a in 0..f {
-            rows.push(vec![far * (a as f32 + 1.0); 8]);
-        }
+        let rows = with_far_attackers(&honest, f, far);
         let h = honest.len();
         for agg in [
             Aggregator::Krum { f },
@@ -317,10 +323,7 @@ proptest! {
         f in 1usize..3,
         far in 50.0f32..1e4,
     ) {
-        let mut rows = honest.clone();
-        for a in 0..f {
-            rows.push(vec![far * (a as f32 + 1.0); 8]);
-        }
+        let rows = with_far_attackers(&honest, f, far);
         let h = honest.len();
         prop_assume!(h > f);
         let v = valid(&rows);
