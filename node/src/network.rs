@@ -1176,47 +1176,16 @@ impl Task {
         else {
             return;
         };
-        use gossipsub::MessageAcceptance::{Accept, Ignore, Reject};
         // Runs once per message: gossipsub drops later copies by message id (a hash of
-        // the topic and the data) before they get here. The author is the envelope's
-        // sender, whose signature over everything the envelope says, topic included,
-        // `Envelope::decode` checks; gossipsub messages carry no author of their own.
-        // (verdict, what a refusal costs the forwarder): a non-member forwarder or a bad
-        // message is rejected (and scored); a member forwarding a message whose author this
-        // node does not know as a member yet is ignored, not punished: the forwarder may
-        // simply have applied a join that this node has not.
-        let verdict = if !self.is_member(&propagation_source) {
-            Err((
-                format!("forwarded by {propagation_source}, which is not a member"),
-                Reject,
-            ))
-        } else {
-            match Envelope::decode(&message.data, MAX_ENVELOPE_SIZE) {
-                Ok(env) if env.kind() != Kind::Publish => Err((
-                    format!("a {:?} envelope on a gossip topic", env.kind()),
-                    Reject,
-                )),
-                Ok(env) if env.topic() != Some(message.topic.as_str()) => Err((
-                    format!(
-                        "published for topic {:?}, replayed on {:?}",
-                        env.topic(),
-                        message.topic.as_str()
-                    ),
-                    Reject,
-                )),
-                // Our own message, come back after gossipsub forgot its id (a replay):
-                // not delivered again, and not forwarded.
-                Ok(env) if env.sender() == *self.swarm.local_peer_id() => {
-                    Err(("this node's own message, come back".to_string(), Ignore))
-                }
-                Ok(env) if !self.is_member(&env.sender()) => Err((
-                    format!("published by {}, which is not a member", env.sender()),
-                    Ignore,
-                )),
-                Ok(env) => Ok(env),
-                Err(e) => Err((e.to_string(), Reject)),
-            }
-        };
+        // the topic and the data) before they get here.
+        let local = *self.swarm.local_peer_id();
+        let verdict = gossip_verdict(
+            &message.data,
+            message.topic.as_str(),
+            &propagation_source,
+            &local,
+            |p| self.is_member(p),
+        );
         let acceptance = match verdict {
             Ok(env) => {
                 self.metrics.gossip_received.inc();
@@ -1226,7 +1195,7 @@ impl Task {
                     message_id: env.id().to_string(),
                     data: env.into_payload(),
                 });
-                Accept
+                gossipsub::MessageAcceptance::Accept
             }
             Err((reason, acceptance)) => {
                 self.metrics.gossip_rejected.inc();
@@ -1423,9 +1392,170 @@ fn strip_p2p(mut addr: Multiaddr) -> Multiaddr {
     addr
 }
 
+/// What this node does with a gossip message that arrived on `topic` from `forwarder`:
+/// deliver it (and let gossipsub forward it), or why not and what the refusal costs the
+/// forwarder.
+///
+/// The author is the envelope's sender, whose signature over everything the envelope says,
+/// topic included, `Envelope::decode` checks; gossipsub messages carry no author of their
+/// own. A non-member forwarder or a bad message is rejected (and scored). A member
+/// forwarding a message whose author this node does not know as a member yet is ignored,
+/// not punished: the forwarder may simply have applied a join that this node has not.
+/// Our own message, come back after gossipsub forgot its id (a replay), is ignored: not
+/// delivered again, and not forwarded.
+fn gossip_verdict(
+    data: &[u8],
+    topic: &str,
+    forwarder: &PeerId,
+    local: &PeerId,
+    is_member: impl Fn(&PeerId) -> bool,
+) -> Result<Envelope, (String, gossipsub::MessageAcceptance)> {
+    use gossipsub::MessageAcceptance::{Ignore, Reject};
+    if !is_member(forwarder) {
+        return Err((
+            format!("forwarded by {forwarder}, which is not a member"),
+            Reject,
+        ));
+    }
+    let env = Envelope::decode(data, MAX_ENVELOPE_SIZE).map_err(|e| (e.to_string(), Reject))?;
+    if env.kind() != Kind::Publish {
+        return Err((
+            format!("a {:?} envelope on a gossip topic", env.kind()),
+            Reject,
+        ));
+    }
+    if env.topic() != Some(topic) {
+        return Err((
+            format!(
+                "published for topic {:?}, replayed on {topic:?}",
+                env.topic()
+            ),
+            Reject,
+        ));
+    }
+    if env.sender() == *local {
+        return Err(("this node's own message, come back".to_string(), Ignore));
+    }
+    if !is_member(&env.sender()) {
+        return Err((
+            format!("published by {}, which is not a member", env.sender()),
+            Ignore,
+        ));
+    }
+    Ok(env)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    mod gossip {
+        use super::super::*;
+        use agentmesh_protocols::identity::NodeSigner;
+        use gossipsub::MessageAcceptance::{Ignore, Reject};
+        use libp2p::identity::Keypair;
+
+        struct Node {
+            signer: NodeSigner,
+            id: PeerId,
+        }
+
+        fn node() -> Node {
+            let k = Keypair::generate_ed25519();
+            Node {
+                signer: NodeSigner::from_keypair(&k).expect("an Ed25519 key"),
+                id: k.public().to_peer_id(),
+            }
+        }
+
+        fn published(by: &Node, topic: &str, payload: &[u8]) -> Vec<u8> {
+            Envelope::publish(&by.signer, topic.into(), 1, payload.to_vec())
+                .encode()
+                .expect("encodes")
+        }
+
+        /// The verdict on `data` arriving on `topic` from `forwarder` at `local`, where
+        /// `members` are the members `local` knows.
+        fn verdict(
+            data: &[u8],
+            topic: &str,
+            forwarder: &Node,
+            local: &Node,
+            members: &[&Node],
+        ) -> Result<Envelope, (String, gossipsub::MessageAcceptance)> {
+            let ids: Vec<PeerId> = members.iter().map(|m| m.id).collect();
+            gossip_verdict(data, topic, &forwarder.id, &local.id, |p| ids.contains(p))
+        }
+
+        #[test]
+        fn a_members_message_on_its_topic_is_delivered_with_its_author() {
+            let (alice, bob, me) = (node(), node(), node());
+            let data = published(&alice, "jobs", b"hello");
+            // Forwarded by its author or by another member alike.
+            for forwarder in [&alice, &bob] {
+                let env =
+                    verdict(&data, "jobs", forwarder, &me, &[&alice, &bob, &me]).expect("accepted");
+                assert_eq!(env.sender(), alice.id);
+                assert_eq!(env.into_payload(), b"hello");
+            }
+        }
+
+        #[test]
+        fn a_non_member_forwarder_is_rejected_whatever_it_forwards() {
+            let (alice, mallory, me) = (node(), node(), node());
+            let data = published(&alice, "jobs", b"hello");
+            let (reason, acceptance) =
+                verdict(&data, "jobs", &mallory, &me, &[&alice, &me]).expect_err("refused");
+            assert!(matches!(acceptance, Reject), "{reason}");
+            assert!(reason.contains("not a member"), "{reason}");
+        }
+
+        #[test]
+        fn bad_messages_from_a_member_are_rejected() {
+            let (alice, me) = (node(), node());
+            let members = [&alice, &me];
+            let mut forged = published(&alice, "jobs", b"pay 10");
+            let at = forged
+                .windows(6)
+                .position(|w| w == b"pay 10")
+                .expect("payload");
+            forged[at + 4] = b'9';
+            let direct = Envelope::direct(&alice.signer, me.id, 1, b"hi".to_vec())
+                .encode()
+                .expect("encodes");
+            let oversized = vec![0xa0; MAX_ENVELOPE_SIZE + 1];
+            for (what, data, topic) in [
+                ("a forged payload", forged, "jobs"),
+                ("garbage", b"\xff\x00not cbor".to_vec(), "jobs"),
+                ("an oversized message", oversized, "jobs"),
+                ("a direct envelope", direct, "jobs"),
+                (
+                    "a replay on another topic",
+                    published(&alice, "jobs", b"x"),
+                    "models",
+                ),
+            ] {
+                let Err((reason, acceptance)) = verdict(&data, topic, &alice, &me, &members) else {
+                    panic!("{what} was accepted");
+                };
+                assert!(matches!(acceptance, Reject), "{what}: {reason}");
+            }
+        }
+
+        #[test]
+        fn own_messages_and_unknown_authors_are_ignored_not_punished() {
+            let (alice, stranger, me) = (node(), node(), node());
+            let members = [&alice, &me];
+            let own = published(&me, "jobs", b"mine");
+            let (_, acceptance) = verdict(&own, "jobs", &alice, &me, &members).expect_err("own");
+            assert!(matches!(acceptance, Ignore));
+            let unknown = published(&stranger, "jobs", b"who");
+            let (reason, acceptance) =
+                verdict(&unknown, "jobs", &alice, &me, &members).expect_err("unknown author");
+            assert!(matches!(acceptance, Ignore), "{reason}");
+            assert!(reason.contains("not a member"), "{reason}");
+        }
+    }
 
     #[test]
     fn names_round_trip_through_the_agent_version() {
