@@ -145,6 +145,9 @@ pub struct Ctx {
     /// Wakes the coordinator early: an announcement arrived, an update was fetched, a round
     /// was committed.
     wake: tokio::sync::Notify,
+    /// The last model this node made or decoded, by hash: the round after the one it
+    /// aggregated trains from it and aggregates onto it without reading and decoding it again.
+    last_model: Mutex<Option<(String, Arc<Model>)>>,
 }
 
 /// The job service of one node.
@@ -186,6 +189,7 @@ impl Jobs {
             copy_confirmed: tokio::sync::watch::Sender::new(0),
             eval,
             wake: tokio::sync::Notify::new(),
+            last_model: Mutex::new(None),
         });
         tokio::spawn(listen(ctx.clone()));
         tokio::spawn(coordinator::run(ctx.clone()));
@@ -480,8 +484,9 @@ impl Ctx {
         if !n.to.is_empty() && !n.to.contains(&self.node_id) {
             return;
         }
+        // Only the copy matters here: the bytes are read when a round needs them.
         if let Err(e) = self
-            .get_blob(&n.model_hash, from.as_slice(), MODEL_LIMIT)
+            .fetch_blob(&n.model_hash, from.as_slice(), MODEL_LIMIT)
             .await
         {
             tracing::debug!(blob = %n.model_hash, error = %e, "copying a blob a job needs kept");
@@ -495,6 +500,33 @@ impl Ctx {
         let data = serde_json::to_vec(&have).unwrap_or_default();
         if let Err(e) = self.net.publish(MODELS_TOPIC.to_string(), data).await {
             tracing::debug!(error = %e, "confirming a model copy");
+        }
+    }
+
+    /// A job's model by hash: the one this node made or decoded last, else fetched (from
+    /// `hints` first), read and decoded.
+    async fn load_model(&self, hash: &str, hints: &[PeerId]) -> Result<Arc<Model>, String> {
+        let cached = self.last_model.lock().ok().and_then(|m| {
+            m.as_ref()
+                .filter(|(h, _)| h == hash)
+                .map(|(_, model)| model.clone())
+        });
+        if let Some(model) = cached {
+            return Ok(model);
+        }
+        let bytes = self
+            .get_blob(hash, hints, MODEL_LIMIT)
+            .await
+            .map_err(|e| e.to_string())?;
+        let model = Arc::new(Model::from_safetensors(&bytes).map_err(|e| e.to_string())?);
+        self.keep_model(hash, model.clone());
+        Ok(model)
+    }
+
+    /// Remembers `model` as the blob `hash` (its safetensors bytes) for [`load_model`](Self::load_model).
+    fn keep_model(&self, hash: &str, model: Arc<Model>) {
+        if let Ok(mut m) = self.last_model.lock() {
+            *m = Some((hash.to_string(), model));
         }
     }
 
@@ -523,6 +555,20 @@ impl Ctx {
     /// A blob's bytes, fetched from the mesh if not held here (from `hints` first: peers that
     /// should hold it), refusing one larger than `max` bytes before fetching it.
     async fn get_blob(&self, hash: &str, hints: &[PeerId], max: u64) -> Result<Vec<u8>, JobError> {
+        let path = self.fetch_blob(hash, hints, max).await?;
+        tokio::fs::read(&path)
+            .await
+            .map_err(|e| JobError::Blob(format!("{hash}: {e}")))
+    }
+
+    /// Makes sure a blob is held here (fetched as in [`get_blob`](Self::get_blob)), without
+    /// reading it; returns its path.
+    async fn fetch_blob(
+        &self,
+        hash: &str,
+        hints: &[PeerId],
+        max: u64,
+    ) -> Result<std::path::PathBuf, JobError> {
         let h: BlobHash =
             hash.parse()
                 .map_err(|e: agentmesh_protocols::blob::ParseHashError| {
@@ -545,9 +591,7 @@ impl Ctx {
                 "{hash}: {len} bytes is larger than the {max} expected"
             )));
         }
-        tokio::fs::read(&path)
-            .await
-            .map_err(|e| JobError::Blob(format!("{hash}: {e}")))
+        Ok(path)
     }
 
     /// Fetches (from its author first), opens and decodes an update for `arch` made in `round`
@@ -670,6 +714,12 @@ async fn listen(ctx: Arc<Ctx>) {
                     .collect();
                 if let Ok(mut inbox) = ctx.inbox.lock() {
                     inbox.retain_jobs(|id| running.iter().any(|r| r == id));
+                }
+                if running.is_empty() {
+                    // No job left to train from the kept model: give its memory back.
+                    if let Ok(mut m) = ctx.last_model.lock() {
+                        *m = None;
+                    }
                 }
             }
         }

@@ -634,21 +634,24 @@ async fn hash_prefix(
     let total = m.chunk_count();
     let m = Arc::new(m);
     let mut hasher = Sha256::new();
+    // One buffer for the whole fetch: a fresh 1 MiB per pass costs page faults.
+    let mut buf: Vec<u8> = Vec::new();
     let mut done = 0u64;
     loop {
         let avail = (*prefix.borrow_and_update()).min(total);
         if avail > done {
             let (f, m, from) = (file.clone(), m.clone(), done);
-            hasher = tokio::task::spawn_blocking(move || -> std::io::Result<Sha256> {
-                let mut buf = vec![0u8; m.chunk_size as usize];
+            let mut b = std::mem::take(&mut buf);
+            (hasher, buf) = tokio::task::spawn_blocking(move || -> std::io::Result<_> {
+                b.resize(m.chunk_size as usize, 0);
                 for i in from..avail {
                     let (off, len) = m
                         .chunk_range(i)
                         .ok_or_else(|| std::io::Error::other("chunk outside the manifest"))?;
-                    f.read_exact_at(&mut buf[..len], off)?;
-                    hasher.update(&buf[..len]);
+                    f.read_exact_at(&mut b[..len], off)?;
+                    hasher.update(&b[..len]);
                 }
-                Ok(hasher)
+                Ok((hasher, b))
             })
             .await
             .map_err(|e| std::io::Error::other(e.to_string()))??;

@@ -10,7 +10,6 @@ use agentmesh_consensus::{
     fmt_node_id, JobCommand, JobRecord, JobState, MemberState, NodeId, RejectedUpdate, RoundRecord,
     RoundStart, RoundTiming, UsedUpdate,
 };
-use agentmesh_federated::Model;
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
     sync::Arc,
@@ -50,7 +49,7 @@ struct Collecting {
     last: Option<(u64, Option<UpdateTiming>)>,
     /// When the round was closed (unix ms).
     closed_at_ms: u64,
-    /// Our own update's hash, and the task asking two other participants to keep it (no
+    /// Our own update's hash, and the task asking another participant to keep it (no
     /// other node fetches it, and `job verify` needs it once we are gone). Started as soon
     /// as the update is accepted, so it is done by the time the round closes.
     own_copy: Option<(String, JoinHandle<bool>)>,
@@ -455,7 +454,8 @@ async fn collect(
     }
 }
 
-/// Asks two other participants (those already heard from first) to copy our own update.
+/// Asks one other participant (one already heard from, if any) to copy our own update, so
+/// that it lives on two nodes at commit like every other update (its author's copy and ours).
 fn keep_own_update(
     ctx: &Arc<Ctx>,
     job_id: &str,
@@ -463,18 +463,14 @@ fn keep_own_update(
     c: &Collecting,
     hash: &str,
 ) -> Option<(String, JoinHandle<bool>)> {
-    let mut keepers: Vec<NodeId> = Vec::new();
-    for id in c.valid.keys().chain(&current.participants) {
-        if *id != ctx.node_id && !keepers.contains(id) && keepers.len() < 2 {
-            keepers.push(*id);
-        }
-    }
-    if keepers.is_empty() {
-        return None;
-    }
+    let keeper = *c
+        .valid
+        .keys()
+        .chain(&current.participants)
+        .find(|id| **id != ctx.node_id)?;
     let (ctx, job_id, h) = (ctx.clone(), job_id.to_string(), hash.to_string());
     let task = tokio::spawn(async move {
-        ctx.announce_model(&job_id, &h, keepers, REPLICATE_TIMEOUT)
+        ctx.announce_model(&job_id, &h, vec![keeper], REPLICATE_TIMEOUT)
             .await
     });
     Some((hash.to_string(), task))
@@ -561,11 +557,10 @@ async fn aggregate(
     own_copy: Option<(String, JoinHandle<bool>)>,
     record: &mut RoundRecord,
 ) -> Result<(), String> {
-    let base_bytes = ctx
-        .get_blob(&current.base_model, &[], super::MODEL_LIMIT)
+    let base = ctx
+        .load_model(&current.base_model, &[])
         .await
         .map_err(|e| format!("base model: {e}"))?;
-    let base = Model::from_safetensors(&base_bytes).map_err(|e| format!("base model: {e}"))?;
     // The seed is drawn now, after the updates are fixed, and committed with the result.
     let seed: Option<[u8; 32]> = spec
         .central_noise_std(c.valid.len())
@@ -603,6 +598,7 @@ async fn aggregate(
         .collect();
     record.noise_seed = seed.map(hex::encode);
     let hash = ctx.put_blob(bytes).await.map_err(|e| e.to_string())?;
+    ctx.keep_model(&hash, Arc::new(outcome.model));
     // Commit only once another node holds the model: a result whose model died with its
     // aggregator would leave the job nothing to train from.
     let others = ctx

@@ -7,7 +7,7 @@ use super::{
 use agentmesh_consensus::{JobCommand, RoundStart, TrainerInfo};
 use agentmesh_federated::{
     add_gaussian_noise, clip_l2, encode_params, Attack, Content, Dataset, ExternalTrainer,
-    LocalTrainer, Model, Trainer,
+    LocalTrainer, Trainer,
 };
 use rand::SeedableRng;
 use rand_chacha::ChaCha20Rng;
@@ -161,15 +161,10 @@ async fn train_round(
         ));
     }
     let fetching = Instant::now();
-    let bytes = ctx
-        .get_blob(
-            &start.base_model,
-            ctx.leader_peer().as_slice(),
-            super::MODEL_LIMIT,
-        )
+    let global = ctx
+        .load_model(&start.base_model, ctx.leader_peer().as_slice())
         .await
         .map_err(|e| format!("base model: {e}"))?;
-    let global = Model::from_safetensors(&bytes).map_err(|e| format!("base model: {e}"))?;
     if global.architecture() != &arch {
         return Err("the base model does not have the job's architecture".into());
     }
