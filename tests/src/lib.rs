@@ -14,6 +14,7 @@ pub mod events;
 pub mod jobs;
 pub mod linearizability;
 pub mod netns;
+pub mod raw_gossip;
 pub mod raw_raft;
 
 use anyhow::{anyhow, bail, Context, Result};

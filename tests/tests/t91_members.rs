@@ -3,7 +3,9 @@
 //! to a subscriber; a member an admin removes is cut off at once and needs a new token to
 //! come back.
 
+use agentmesh_protocols::{identity::NodeSigner, Envelope};
 use agentmesh_tests::events::{next_gossip, subscribe_ws, wait_subscribers};
+use agentmesh_tests::raw_gossip::RawGossipPeer;
 use agentmesh_tests::raw_raft::RawRaftPeer;
 use agentmesh_tests::{
     fast_raft_args, fixed_ports, leader_index, leader_of, ok_stdout, pseudo_random, restart_args,
@@ -244,6 +246,63 @@ async fn a_member_cannot_forward_a_change_to_another_members_record() -> Result<
         .find(|m| m["peer_id"] == target_peer.as_str())
         .map(|m| m["state"].clone());
     assert_eq!(state, Some(Value::from("active")), "{c}");
+    Ok(())
+}
+
+/// A member can gossip as itself, but not forge: a hand-made peer with a member's identity
+/// publishes, in this order on one connection, a message of its own, one with its payload
+/// altered after signing, one replayed from another topic, and another of its own. The
+/// member it reaches refuses the two in the middle before forwarding anything, so another
+/// member hears exactly the two genuine messages, in order.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_member_cannot_forge_or_replay_gossip() -> Result<()> {
+    let root = tempfile::tempdir()?;
+    let mut nodes = start_cluster(root.path(), "g", 3, &fast_raft_args()).await?;
+    wait_members(&nodes, Duration::from_secs(30)).await?;
+    // nodes[2] stops; its identity, a member's, is used by a hand-made gossip peer.
+    nodes[2].kill().await?;
+    let key = std::fs::read(nodes[2].data_dir.join("identity.key"))?;
+    let keypair = libp2p::identity::Keypair::from_protobuf_encoding(&key)?;
+    let signer = NodeSigner::from_keypair(&keypair)?;
+    let rogue_id = keypair.public().to_peer_id().to_string();
+    let envelope = |topic: &str, text: &str| {
+        Envelope::publish(&signer, topic.into(), 1, text.as_bytes().to_vec()).encode()
+    };
+
+    let mut listener = subscribe_ws(&nodes[1], "news").await?;
+    let _entry = subscribe_ws(&nodes[0], "news").await?;
+    wait_subscribers(&nodes[0], "news", 1).await?;
+    let rogue = RawGossipPeer::new(keypair)?;
+    rogue
+        .join(
+            nodes[0].info.peer_id.parse()?,
+            nodes[0].tcp_addr().parse()?,
+            "news",
+        )
+        .await?;
+    let rejected = metric(&nodes[0], "agentmesh_gossip_rejected_total").await?;
+
+    rogue.publish("news", envelope("news", "first")?).await?;
+    let mut forged = envelope("news", "pay 10")?;
+    let at = forged
+        .windows(6)
+        .position(|w| w == b"pay 10")
+        .context("payload in the encoding")?;
+    forged[at + 4] = b'9';
+    rogue.publish("news", forged).await?;
+    rogue
+        .publish("news", envelope("alerts", "replayed")?)
+        .await?;
+    rogue.publish("news", envelope("news", "second")?).await?;
+
+    for want in ["first", "second"] {
+        let m = next_gossip(&mut listener).await?;
+        assert_eq!(m["data"], want, "{m}");
+        assert_eq!(m["from"], rogue_id.as_str(), "{m}");
+    }
+    // Refused where they entered, by the envelope check, not lost on the way.
+    let refused = metric(&nodes[0], "agentmesh_gossip_rejected_total").await? - rejected;
+    assert!(refused >= 2.0, "{refused} refused");
     Ok(())
 }
 
