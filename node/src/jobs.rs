@@ -54,6 +54,8 @@ const INBOX_PER_JOB: usize = 4096;
 const FETCH_TIMEOUT: Duration = Duration::from_secs(60);
 /// Largest model file fetched for a job.
 const MODEL_LIMIT: u64 = agentmesh_federated::MAX_MODEL_FILE_SIZE as u64;
+/// Bytes handed to the blob store at a time when a job stores a model or an update.
+const PUT_PIECE: usize = 1 << 20;
 /// Room for a safetensors header (names, shapes, metadata) above the parameters' bytes.
 const HEADER_ALLOWANCE: u64 = 1 << 20;
 /// How long an answer waits for this node to apply a write it sent to the leader.
@@ -211,7 +213,8 @@ impl Jobs {
         let model_hash = match &spec.initial_model {
             Some(hash) => {
                 let bytes = self.ctx.get_blob(hash, &[], MODEL_LIMIT).await?;
-                let model = Model::from_safetensors(&bytes)
+                let model = decode_model(bytes)
+                    .await
                     .map_err(|e| JobError::Invalid(format!("initial_model: {e}")))?;
                 if model.architecture() != &arch {
                     return Err(JobError::Invalid(format!(
@@ -222,10 +225,14 @@ impl Jobs {
                 hash.clone()
             }
             None => {
-                let model = Model::new(arch, seed).map_err(|e| JobError::Invalid(e.to_string()))?;
-                let bytes = model
-                    .to_safetensors()
-                    .map_err(|e| JobError::Invalid(e.to_string()))?;
+                // Initialising and encoding up to 64 M parameters: on a blocking thread.
+                let bytes = tokio::task::spawn_blocking(move || {
+                    let model = Model::new(arch, seed).map_err(|e| e.to_string())?;
+                    model.to_safetensors().map_err(|e| e.to_string())
+                })
+                .await
+                .map_err(|e| JobError::Invalid(e.to_string()))?
+                .map_err(JobError::Invalid)?;
                 let hash = self.ctx.put_blob(bytes).await?;
                 // Others copy it now, so the job does not depend on this node staying up.
                 self.ctx
@@ -355,12 +362,15 @@ impl Jobs {
         keys: &BTreeMap<NodeId, Vec<u8>>,
         r: &RoundRecord,
     ) -> Result<String, String> {
+        // From the blob, not from a model this node kept: verification reads what was stored.
         let base_bytes = self
             .ctx
             .get_blob(&r.base_model, &[], MODEL_LIMIT)
             .await
             .map_err(|e| format!("base model: {e}"))?;
-        let base = Model::from_safetensors(&base_bytes).map_err(|e| format!("base model: {e}"))?;
+        let base = decode_model(base_bytes)
+            .await
+            .map_err(|e| format!("base model: {e}"))?;
         let mut updates = Vec::with_capacity(r.updates.len());
         for u in &r.updates {
             let key = keys
@@ -392,9 +402,14 @@ impl Jobs {
             Some(s) => Some(parse_seed(s).ok_or("malformed noise seed")?),
             None => None,
         };
-        let out = round::aggregate(spec, &base, &updates, seed)?;
-        let bytes = out.model.to_safetensors().map_err(|e| e.to_string())?;
-        Ok(BlobHash::of(&bytes).to_string())
+        let spec = spec.clone();
+        tokio::task::spawn_blocking(move || {
+            let out = round::aggregate(&spec, &base, &updates, seed)?;
+            let bytes = out.model.to_safetensors().map_err(|e| e.to_string())?;
+            Ok(BlobHash::of(&bytes).to_string())
+        })
+        .await
+        .map_err(|e| format!("recomputing the round: {e}"))?
     }
 }
 
@@ -518,7 +533,7 @@ impl Ctx {
             .get_blob(hash, hints, MODEL_LIMIT)
             .await
             .map_err(|e| e.to_string())?;
-        let model = Arc::new(Model::from_safetensors(&bytes).map_err(|e| e.to_string())?);
+        let model = Arc::new(decode_model(bytes).await?);
         self.keep_model(hash, model.clone());
         Ok(model)
     }
@@ -532,8 +547,20 @@ impl Ctx {
 
     /// Stores bytes as a blob and announces it; returns its hash.
     async fn put_blob(&self, bytes: Vec<u8>) -> Result<String, JobError> {
-        let body =
-            futures::stream::iter([Ok::<_, std::convert::Infallible>(bytes::Bytes::from(bytes))]);
+        // In slices: the store hashes each piece as it comes, and one piece of a large
+        // model (up to 256 MiB) would hold an async worker, and the Raft and gossip tasks
+        // that share it, for hundreds of milliseconds.
+        let bytes = bytes::Bytes::from(bytes);
+        let body = futures::stream::iter(
+            (0..bytes.len())
+                .step_by(PUT_PIECE)
+                .map(|at| {
+                    Ok::<_, std::convert::Infallible>(
+                        bytes.slice(at..(at + PUT_PIECE).min(bytes.len())),
+                    )
+                })
+                .collect::<Vec<_>>(),
+        );
         let put = self
             .store
             .put(body)
@@ -595,8 +622,9 @@ impl Ctx {
     }
 
     /// Fetches (from its author first), opens and decodes an update for `arch` made in `round`
-    /// (job, round number, base model), refusing one of the wrong size or content, or one that
-    /// was not sealed for this node in that round by its author.
+    /// (job, round number, base model), refusing one of the wrong size or content, one with a
+    /// value that is not finite, or one that was not sealed for this node in that round by its
+    /// author.
     async fn load_update(
         &self,
         hash: &str,
@@ -613,30 +641,46 @@ impl Ctx {
             .get_blob(hash, hint.as_slice(), max)
             .await
             .map_err(|e| e.to_string())?;
-        if !agentmesh_protocols::seal::is_sealed(&sealed) {
-            return Err("the update is not sealed".into());
-        }
         let (job_id, number, base_model) = round;
         let context = update_context(job_id, number, base_model, author);
-        let bytes = self
-            .sealer
-            .open_update(&self.cluster, author, &sealed, &context)
-            .map_err(|e| format!("sealed update: {e}"))?;
-        if bytes.len() as u64 > (arch.num_params() * 4) as u64 + HEADER_ALLOWANCE {
-            return Err("the opened update is larger than the model".into());
-        }
-        let (found, params, content) =
-            agentmesh_federated::decode_params(&bytes).map_err(|e| e.to_string())?;
-        if content != agentmesh_federated::Content::Update {
-            return Err("the blob is a model, not an update".into());
-        }
-        if &found != arch {
-            return Err(format!(
-                "update is for a {found:?}, the job trains a {arch:?}"
-            ));
-        }
-        Ok(params)
+        let (sealer, cluster, arch) = (self.sealer.clone(), self.cluster.clone(), arch.clone());
+        // Decrypting, decoding and scanning an update are passes over up to 256 MiB: on a
+        // blocking thread, not on the async workers the Raft and gossip tasks run on.
+        tokio::task::spawn_blocking(move || {
+            if !agentmesh_protocols::seal::is_sealed(&sealed) {
+                return Err("the update is not sealed".into());
+            }
+            let bytes = sealer
+                .open_update(&cluster, author, &sealed, &context)
+                .map_err(|e| format!("sealed update: {e}"))?;
+            if bytes.len() as u64 > (arch.num_params() * 4) as u64 + HEADER_ALLOWANCE {
+                return Err("the opened update is larger than the model".into());
+            }
+            let (found, params, content) =
+                agentmesh_federated::decode_params(&bytes).map_err(|e| e.to_string())?;
+            if content != agentmesh_federated::Content::Update {
+                return Err("the blob is a model, not an update".into());
+            }
+            if found != arch {
+                return Err(format!(
+                    "update is for a {found:?}, the job trains a {arch:?}"
+                ));
+            }
+            if let Some(i) = params.iter().position(|v| !v.is_finite()) {
+                return Err(format!("parameter {i} is not finite"));
+            }
+            Ok(params)
+        })
+        .await
+        .map_err(|e| format!("opening the update: {e}"))?
     }
+}
+
+/// Decodes a model's safetensors bytes on a blocking thread (a pass over up to 256 MiB).
+async fn decode_model(bytes: Vec<u8>) -> Result<Model, String> {
+    tokio::task::spawn_blocking(move || Model::from_safetensors(&bytes).map_err(|e| e.to_string()))
+        .await
+        .map_err(|e| format!("decoding the model: {e}"))?
 }
 
 /// Files gossip announcements into the inbox and turns job state changes into events.

@@ -187,28 +187,51 @@ async fn train_round(
         .map_err(|e| format!("training task: {e}"))?
         .map_err(|e| e.to_string())?;
     let storing = Instant::now();
-    let mut delta = out.delta;
-    let mut rng = ChaCha20Rng::seed_from_u64(seed);
-    if let Some(p) = &spec.privacy {
-        clip_l2(&mut delta, p.clip_norm);
-        if p.mode == "local" && p.noise_multiplier > 0.0 {
-            add_gaussian_noise(&mut delta, p.noise_multiplier * p.clip_norm, &mut rng);
+    // Clipping, noise, encoding and sealing are passes over the whole update (up to
+    // 256 MiB): on blocking threads, not on the async workers the Raft and gossip tasks run on.
+    let (privacy, n, f) = (
+        spec.privacy.clone(),
+        start.participants.len(),
+        spec.byzantine.max(1),
+    );
+    let (delta, arch2) = (out.delta, arch.clone());
+    let update = tokio::task::spawn_blocking(move || {
+        let mut delta = delta;
+        let mut rng = ChaCha20Rng::seed_from_u64(seed);
+        if let Some(p) = &privacy {
+            clip_l2(&mut delta, p.clip_norm);
+            if p.mode == "local" && p.noise_multiplier > 0.0 {
+                add_gaussian_noise(&mut delta, p.noise_multiplier * p.clip_norm, &mut rng);
+            }
         }
-    }
-    match red_team {
-        Some(RedTeam::Attack(attack)) => {
-            let n = start.participants.len();
-            delta = attack.corrupt(&delta, &[&delta], n, spec.byzantine.max(1), &mut rng);
+        match red_team {
+            Some(RedTeam::Attack(attack)) => {
+                delta = attack.corrupt(&delta, &[&delta], n, f, &mut rng);
+            }
+            Some(RedTeam::NaN) => delta.iter_mut().for_each(|v| *v = f32::NAN),
+            Some(RedTeam::Tamper) | None => {}
         }
-        Some(RedTeam::NaN) => delta.iter_mut().for_each(|v| *v = f32::NAN),
-        Some(RedTeam::Tamper) | None => {}
-    }
-    let update = encode_params(&arch, &delta, Content::Update).map_err(|e| e.to_string())?;
+        encode_params(&arch2, &delta, Content::Update).map_err(|e| e.to_string())
+    })
+    .await
+    .map_err(|e| format!("encoding the update: {e}"))??;
     // Sealed for the voters (the nodes that may aggregate the round), bound to this round.
-    let context = update_context(job_id, start.round, &start.base_model, ctx.node_id);
+    let context = Arc::new(update_context(
+        job_id,
+        start.round,
+        &start.base_model,
+        ctx.node_id,
+    ));
+    let update = Arc::new(update);
     let mut sealed = loop {
+        let (sealer, cluster) = (ctx.sealer.clone(), ctx.cluster.clone());
+        let (plain, context) = (update.clone(), context.clone());
+        let attempt =
+            tokio::task::spawn_blocking(move || sealer.seal_update(&cluster, &plain, &context))
+                .await
+                .map_err(|e| format!("sealing the update: {e}"))?;
         // A leader that has just joined may not have published its key yet: wait for it.
-        match ctx.sealer.seal_update(&ctx.cluster, &update, &context) {
+        match attempt {
             Ok(sealed) => break sealed,
             Err(e) if unix_now_ms() + 200 < start.deadline_ms => {
                 tracing::debug!(error = %e, "sealing the update; retrying");
