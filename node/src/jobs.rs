@@ -76,6 +76,9 @@ pub enum JobError {
     /// A blob could not be stored or fetched.
     #[error("blob: {0}")]
     Blob(String),
+    /// This node failed at something that was not the request's fault.
+    #[error("{0}")]
+    Internal(String),
 }
 
 /// An announcement as received.
@@ -150,6 +153,10 @@ pub struct Ctx {
     /// The last model this node made or decoded, by hash: the round after the one it
     /// aggregated trains from it and aggregates onto it without reading and decoding it again.
     last_model: Mutex<Option<(String, Arc<Model>)>>,
+    /// Passes over a whole model or update (decrypting, decoding, encoding, sealing) under
+    /// way, at most one per core: each holds a model-sized buffer or three, and more at once
+    /// would only share the cores and multiply the memory.
+    heavy: tokio::sync::Semaphore,
 }
 
 /// The job service of one node.
@@ -192,6 +199,9 @@ impl Jobs {
             eval,
             wake: tokio::sync::Notify::new(),
             last_model: Mutex::new(None),
+            heavy: tokio::sync::Semaphore::new(
+                std::thread::available_parallelism().map_or(1, |n| n.get()),
+            ),
         });
         tokio::spawn(listen(ctx.clone()));
         tokio::spawn(coordinator::run(ctx.clone()));
@@ -213,7 +223,9 @@ impl Jobs {
         let model_hash = match &spec.initial_model {
             Some(hash) => {
                 let bytes = self.ctx.get_blob(hash, &[], MODEL_LIMIT).await?;
-                let model = decode_model(bytes)
+                let model = self
+                    .ctx
+                    .decode_model(bytes)
                     .await
                     .map_err(|e| JobError::Invalid(format!("initial_model: {e}")))?;
                 if model.architecture() != &arch {
@@ -226,13 +238,15 @@ impl Jobs {
             }
             None => {
                 // Initialising and encoding up to 64 M parameters: on a blocking thread.
-                let bytes = tokio::task::spawn_blocking(move || {
-                    let model = Model::new(arch, seed).map_err(|e| e.to_string())?;
-                    model.to_safetensors().map_err(|e| e.to_string())
-                })
-                .await
-                .map_err(|e| JobError::Invalid(e.to_string()))?
-                .map_err(JobError::Invalid)?;
+                let bytes = self
+                    .ctx
+                    .heavy("initialising the model", move || {
+                        let model = Model::new(arch, seed).map_err(|e| e.to_string())?;
+                        model.to_safetensors().map_err(|e| e.to_string())
+                    })
+                    .await
+                    .map_err(JobError::Internal)?
+                    .map_err(JobError::Invalid)?;
                 let hash = self.ctx.put_blob(bytes).await?;
                 // Others copy it now, so the job does not depend on this node staying up.
                 self.ctx
@@ -368,7 +382,9 @@ impl Jobs {
             .get_blob(&r.base_model, &[], MODEL_LIMIT)
             .await
             .map_err(|e| format!("base model: {e}"))?;
-        let base = decode_model(base_bytes)
+        let base = self
+            .ctx
+            .decode_model(base_bytes)
             .await
             .map_err(|e| format!("base model: {e}"))?;
         let mut updates = Vec::with_capacity(r.updates.len());
@@ -403,13 +419,13 @@ impl Jobs {
             None => None,
         };
         let spec = spec.clone();
-        tokio::task::spawn_blocking(move || {
-            let out = round::aggregate(&spec, &base, &updates, seed)?;
-            let bytes = out.model.to_safetensors().map_err(|e| e.to_string())?;
-            Ok(BlobHash::of(&bytes).to_string())
-        })
-        .await
-        .map_err(|e| format!("recomputing the round: {e}"))?
+        self.ctx
+            .heavy("recomputing the round", move || {
+                let out = round::aggregate(&spec, &base, &updates, seed)?;
+                let bytes = out.model.to_safetensors().map_err(|e| e.to_string())?;
+                Ok(BlobHash::of(&bytes).to_string())
+            })
+            .await?
     }
 }
 
@@ -518,6 +534,32 @@ impl Ctx {
         }
     }
 
+    /// Runs `f`, a pass over a whole model or update (up to 256 MiB), on a blocking thread
+    /// (not on the async workers the Raft and gossip tasks run on), once a core is free of
+    /// such passes ([`heavy`](Self::heavy)). `what` names it in an error.
+    async fn heavy<T: Send + 'static>(
+        &self,
+        what: &str,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, String> {
+        let _permit = self
+            .heavy
+            .acquire()
+            .await
+            .map_err(|e| format!("{what}: {e}"))?;
+        tokio::task::spawn_blocking(f)
+            .await
+            .map_err(|e| format!("{what}: {e}"))
+    }
+
+    /// Decodes a model's safetensors bytes (see [`heavy`](Self::heavy)).
+    async fn decode_model(&self, bytes: Vec<u8>) -> Result<Model, String> {
+        self.heavy("decoding the model", move || {
+            Model::from_safetensors(&bytes).map_err(|e| e.to_string())
+        })
+        .await?
+    }
+
     /// A job's model by hash: the one this node made or decoded last, else fetched (from
     /// `hints` first), read and decoded.
     async fn load_model(&self, hash: &str, hints: &[PeerId]) -> Result<Arc<Model>, String> {
@@ -533,13 +575,22 @@ impl Ctx {
             .get_blob(hash, hints, MODEL_LIMIT)
             .await
             .map_err(|e| e.to_string())?;
-        let model = Arc::new(decode_model(bytes).await?);
+        let model = Arc::new(self.decode_model(bytes).await?);
         self.keep_model(hash, model.clone());
         Ok(model)
     }
 
     /// Remembers `model` as the blob `hash` (its safetensors bytes) for [`load_model`](Self::load_model).
     fn keep_model(&self, hash: &str, model: Arc<Model>) {
+        // Only while a job runs: the listener lets the model go when the last one ends, and a
+        // fetch or an aggregation that finishes after that must not bring it back.
+        let running = self
+            .cluster
+            .read(|s| s.jobs.values().any(|j| !j.state.is_final()))
+            .unwrap_or(false);
+        if !running {
+            return;
+        }
         if let Ok(mut m) = self.last_model.lock() {
             *m = Some((hash.to_string(), model));
         }
@@ -644,9 +695,7 @@ impl Ctx {
         let (job_id, number, base_model) = round;
         let context = update_context(job_id, number, base_model, author);
         let (sealer, cluster, arch) = (self.sealer.clone(), self.cluster.clone(), arch.clone());
-        // Decrypting, decoding and scanning an update are passes over up to 256 MiB: on a
-        // blocking thread, not on the async workers the Raft and gossip tasks run on.
-        tokio::task::spawn_blocking(move || {
+        self.heavy("opening the update", move || {
             if !agentmesh_protocols::seal::is_sealed(&sealed) {
                 return Err("the update is not sealed".into());
             }
@@ -666,21 +715,11 @@ impl Ctx {
                     "update is for a {found:?}, the job trains a {arch:?}"
                 ));
             }
-            if let Some(i) = params.iter().position(|v| !v.is_finite()) {
-                return Err(format!("parameter {i} is not finite"));
-            }
+            // `decode_params` has refused any value that is not finite.
             Ok(params)
         })
-        .await
-        .map_err(|e| format!("opening the update: {e}"))?
+        .await?
     }
-}
-
-/// Decodes a model's safetensors bytes on a blocking thread (a pass over up to 256 MiB).
-async fn decode_model(bytes: Vec<u8>) -> Result<Model, String> {
-    tokio::task::spawn_blocking(move || Model::from_safetensors(&bytes).map_err(|e| e.to_string()))
-        .await
-        .map_err(|e| format!("decoding the model: {e}"))?
 }
 
 /// Files gossip announcements into the inbox and turns job state changes into events.

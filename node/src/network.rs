@@ -1524,20 +1524,54 @@ mod tests {
                 .encode()
                 .expect("encodes");
             let oversized = vec![0xa0; MAX_ENVELOPE_SIZE + 1];
-            for (what, data, topic) in [
-                ("a forged payload", forged, "jobs"),
-                ("garbage", b"\xff\x00not cbor".to_vec(), "jobs"),
-                ("an oversized message", oversized, "jobs"),
-                ("a direct envelope", direct, "jobs"),
+            for (what, data, topic, why) in [
+                (
+                    "a forged payload",
+                    forged,
+                    "jobs",
+                    "does not match its content",
+                ),
+                ("garbage", b"\xff\x00not cbor".to_vec(), "jobs", "malformed"),
+                (
+                    "an oversized message",
+                    oversized,
+                    "jobs",
+                    "exceeds the limit",
+                ),
+                ("a direct envelope", direct, "jobs", "Direct envelope"),
                 (
                     "a replay on another topic",
                     published(&alice, "jobs", b"x"),
                     "models",
+                    "replayed on",
                 ),
             ] {
                 let Err((reason, acceptance)) = verdict(&data, topic, &alice, &me, &members) else {
                     panic!("{what} was accepted");
                 };
+                assert!(reason.contains(why), "{what}: {reason}");
+                assert!(matches!(acceptance, Reject), "{what}: {reason}");
+            }
+        }
+
+        #[test]
+        fn a_bad_message_is_rejected_even_when_it_would_otherwise_be_ignored() {
+            let (alice, stranger, mallory, me) = (node(), node(), node(), node());
+            let members = [&alice, &me];
+            // Our own message, but forwarded by a non-member: the forwarder is at fault.
+            let own = published(&me, "jobs", b"mine");
+            let (reason, acceptance) =
+                verdict(&own, "jobs", &mallory, &me, &members).expect_err("refused");
+            assert!(matches!(acceptance, Reject), "{reason}");
+            // An unknown author, but on the wrong topic or not a publish: the message is bad.
+            let replayed = published(&stranger, "jobs", b"x");
+            let direct = Envelope::direct(&stranger.signer, me.id, 1, b"hi".to_vec())
+                .encode()
+                .expect("encodes");
+            for (what, data, topic) in [("replay", replayed, "models"), ("direct", direct, "jobs")]
+            {
+                let (reason, acceptance) =
+                    verdict(&data, topic, &alice, &me, &members).expect_err(what);
                 assert!(matches!(acceptance, Reject), "{what}: {reason}");
             }
         }

@@ -22,6 +22,7 @@ impl From<JobError> for ApiError {
             JobError::NotFound(id) => ApiError(StatusCode::NOT_FOUND, format!("no job {id}")),
             JobError::Cluster(c) => c.into(),
             JobError::Blob(m) => ApiError(StatusCode::BAD_GATEWAY, format!("blob: {m}")),
+            JobError::Internal(m) => ApiError(StatusCode::INTERNAL_SERVER_ERROR, m),
         }
     }
 }

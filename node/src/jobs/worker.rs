@@ -188,33 +188,33 @@ async fn train_round(
         .map_err(|e| e.to_string())?;
     let storing = Instant::now();
     // Clipping, noise, encoding and sealing are passes over the whole update (up to
-    // 256 MiB): on blocking threads, not on the async workers the Raft and gossip tasks run on.
+    // 256 MiB): off the async workers (`Ctx::heavy`).
     let (privacy, n, f) = (
         spec.privacy.clone(),
         start.participants.len(),
         spec.byzantine.max(1),
     );
     let (delta, arch2) = (out.delta, arch.clone());
-    let update = tokio::task::spawn_blocking(move || {
-        let mut delta = delta;
-        let mut rng = ChaCha20Rng::seed_from_u64(seed);
-        if let Some(p) = &privacy {
-            clip_l2(&mut delta, p.clip_norm);
-            if p.mode == "local" && p.noise_multiplier > 0.0 {
-                add_gaussian_noise(&mut delta, p.noise_multiplier * p.clip_norm, &mut rng);
+    let update = ctx
+        .heavy("encoding the update", move || {
+            let mut delta = delta;
+            let mut rng = ChaCha20Rng::seed_from_u64(seed);
+            if let Some(p) = &privacy {
+                clip_l2(&mut delta, p.clip_norm);
+                if p.mode == "local" && p.noise_multiplier > 0.0 {
+                    add_gaussian_noise(&mut delta, p.noise_multiplier * p.clip_norm, &mut rng);
+                }
             }
-        }
-        match red_team {
-            Some(RedTeam::Attack(attack)) => {
-                delta = attack.corrupt(&delta, &[&delta], n, f, &mut rng);
+            match red_team {
+                Some(RedTeam::Attack(attack)) => {
+                    delta = attack.corrupt(&delta, &[&delta], n, f, &mut rng);
+                }
+                Some(RedTeam::NaN) => delta.iter_mut().for_each(|v| *v = f32::NAN),
+                Some(RedTeam::Tamper) | None => {}
             }
-            Some(RedTeam::NaN) => delta.iter_mut().for_each(|v| *v = f32::NAN),
-            Some(RedTeam::Tamper) | None => {}
-        }
-        encode_params(&arch2, &delta, Content::Update).map_err(|e| e.to_string())
-    })
-    .await
-    .map_err(|e| format!("encoding the update: {e}"))??;
+            encode_params(&arch2, &delta, Content::Update).map_err(|e| e.to_string())
+        })
+        .await??;
     // Sealed for the voters (the nodes that may aggregate the round), bound to this round.
     let context = Arc::new(update_context(
         job_id,
@@ -226,10 +226,11 @@ async fn train_round(
     let mut sealed = loop {
         let (sealer, cluster) = (ctx.sealer.clone(), ctx.cluster.clone());
         let (plain, context) = (update.clone(), context.clone());
-        let attempt =
-            tokio::task::spawn_blocking(move || sealer.seal_update(&cluster, &plain, &context))
-                .await
-                .map_err(|e| format!("sealing the update: {e}"))?;
+        let attempt = ctx
+            .heavy("sealing the update", move || {
+                sealer.seal_update(&cluster, &plain, &context)
+            })
+            .await?;
         // A leader that has just joined may not have published its key yet: wait for it.
         match attempt {
             Ok(sealed) => break sealed,
