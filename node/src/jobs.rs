@@ -601,17 +601,11 @@ impl Ctx {
         // In slices: the store hashes each piece as it comes, and one piece of a large
         // model (up to 256 MiB) would hold an async worker, and the Raft and gossip tasks
         // that share it, for hundreds of milliseconds.
+        let len = bytes.len();
         let bytes = bytes::Bytes::from(bytes);
-        let body = futures::stream::iter(
-            (0..bytes.len())
-                .step_by(PUT_PIECE)
-                .map(|at| {
-                    Ok::<_, std::convert::Infallible>(
-                        bytes.slice(at..(at + PUT_PIECE).min(bytes.len())),
-                    )
-                })
-                .collect::<Vec<_>>(),
-        );
+        let body = futures::stream::iter((0..len).step_by(PUT_PIECE).map(move |at| {
+            Ok::<_, std::convert::Infallible>(bytes.slice(at..(at + PUT_PIECE).min(len)))
+        }));
         let put = self
             .store
             .put(body)

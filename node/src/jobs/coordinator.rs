@@ -49,7 +49,7 @@ struct Collecting {
     last: Option<(u64, Option<UpdateTiming>)>,
     /// When the round was closed (unix ms).
     closed_at_ms: u64,
-    /// Our own update's hash, and the task asking another participant to keep it (no
+    /// Our own update's hash, and the task asking two other participants to keep it (no
     /// other node fetches it, and `job verify` needs it once we are gone). Started as soon
     /// as the update is accepted, so it is done by the time the round closes.
     own_copy: Option<(String, JoinHandle<bool>)>,
@@ -450,8 +450,9 @@ async fn collect(
     }
 }
 
-/// Asks one other participant (one already heard from, if any) to copy our own update, so
-/// that it lives on two nodes at commit like every other update (its author's copy and ours).
+/// Asks two other participants (those already heard from first) to copy our own update:
+/// two, so that one paused or slow participant cannot hold the round until the copy times
+/// out (`t81_job_failures.rs`, a paused participant).
 fn keep_own_update(
     ctx: &Arc<Ctx>,
     job_id: &str,
@@ -459,14 +460,18 @@ fn keep_own_update(
     c: &Collecting,
     hash: &str,
 ) -> Option<(String, JoinHandle<bool>)> {
-    let keeper = *c
-        .valid
-        .keys()
-        .chain(&current.participants)
-        .find(|id| **id != ctx.node_id)?;
+    let mut keepers: Vec<NodeId> = Vec::new();
+    for id in c.valid.keys().chain(&current.participants) {
+        if *id != ctx.node_id && !keepers.contains(id) && keepers.len() < 2 {
+            keepers.push(*id);
+        }
+    }
+    if keepers.is_empty() {
+        return None;
+    }
     let (ctx, job_id, h) = (ctx.clone(), job_id.to_string(), hash.to_string());
     let task = tokio::spawn(async move {
-        ctx.announce_model(&job_id, &h, vec![keeper], REPLICATE_TIMEOUT)
+        ctx.announce_model(&job_id, &h, keepers, REPLICATE_TIMEOUT)
             .await
     });
     Some((hash.to_string(), task))

@@ -194,10 +194,9 @@ async fn train_round(
         start.participants.len(),
         spec.byzantine.max(1),
     );
-    let (delta, arch2) = (out.delta, arch.clone());
     let update = ctx
         .heavy("encoding the update", move || {
-            let mut delta = delta;
+            let mut delta = out.delta;
             let mut rng = ChaCha20Rng::seed_from_u64(seed);
             if let Some(p) = &privacy {
                 clip_l2(&mut delta, p.clip_norm);
@@ -212,7 +211,7 @@ async fn train_round(
                 Some(RedTeam::NaN) => delta.iter_mut().for_each(|v| *v = f32::NAN),
                 Some(RedTeam::Tamper) | None => {}
             }
-            encode_params(&arch2, &delta, Content::Update).map_err(|e| e.to_string())
+            encode_params(&arch, &delta, Content::Update).map_err(|e| e.to_string())
         })
         .await??;
     // Sealed for the voters (the nodes that may aggregate the round), bound to this round.
