@@ -2,7 +2,7 @@
 //! snapshot in others, all in one sled database under the node's data dir.
 //!
 //! Durability rules (what openraft relies on):
-//! - `append` writes the entries as one batch and reports them flushed only after a flush
+//! - `append` writes the entries (several as one batch) and reports them flushed only after a flush
 //!   that started after the write has completed. Flushes are group commits: one background
 //!   task flushes for every append that arrived while the previous flush ran, so concurrent
 //!   appends share a flush instead of queueing for one each (openraft 0.9 waits for each
@@ -12,8 +12,10 @@
 //!   alone does not survive a power cut (see there);
 //! - `save_vote` flushes before returning;
 //! - the state machine writes its data and `last_applied` in one atomic batch, so they never
-//!   disagree; it does not flush on its own: the log is the source of truth and entries lost from
-//!   the state machine are re-applied from it. A snapshot is flushed before the log is purged.
+//!   disagree, once per many applied entries (`WRITE_AFTER_ENTRIES`, `WRITE_AFTER_KEYS`), before
+//!   a snapshot is stored, and on a clean stop; it does not flush on its own: the log is the
+//!   source of truth and applied entries not yet written are re-applied from it on restart.
+//!   A snapshot is flushed, with the state machine written before it, before the log is purged.
 //!
 //! sled stays behind this module: nothing outside it sees a sled type.
 
@@ -201,6 +203,8 @@ impl Durable {
 /// The persistent half of a Raft node: open it once per data dir.
 pub struct Storage {
     durable: Durable,
+    /// The state machine handed out by `split`, so `flush` can write what it holds.
+    state_machine: Mutex<Option<StateMachineStore>>,
 }
 
 impl Storage {
@@ -212,6 +216,7 @@ impl Storage {
             .open()?;
         Ok(Self {
             durable: Durable::new(db, dir)?,
+            state_machine: Mutex::default(),
         })
     }
 
@@ -227,6 +232,7 @@ impl Storage {
             flusher,
         };
         let sm = StateMachineStore::open(self.durable.clone())?;
+        *self.state_machine.lock().map_err(|_| poisoned())? = Some(sm.clone());
         Ok((log, sm))
     }
 
@@ -242,8 +248,20 @@ impl Storage {
         has("raft_meta", Some(VOTE)) || has("raft_log", None)
     }
 
-    /// Flushes everything to disk (on a blocking thread).
+    /// Writes the state machine's unwritten changes, then flushes everything to disk (on a
+    /// blocking thread), so that a restart after a clean stop has nothing to re-apply.
     pub async fn flush(&self) -> Result<(), sled::Error> {
+        let sm = self.state_machine.lock().ok().and_then(|sm| sm.clone());
+        if let Some(sm) = sm {
+            let written = sm
+                .applied
+                .read()
+                .map_err(|_| poisoned())
+                .and_then(|applied| sm.write_unwritten(&applied));
+            if let Err(e) = written {
+                tracing::warn!(error = %e, "writing the state machine");
+            }
+        }
         self.durable.flush().await
     }
 
@@ -405,13 +423,29 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let mut batch = sled::Batch::default();
-        for entry in entries {
-            batch.insert(&index_key(entry.log_id.index), encode(&entry));
+        // One entry (the common case: the leader proposes one batch of client writes at a
+        // time) is a plain insert. A sled batch would cost two more writes of sled's IO
+        // buffer, each on sled's thread pool: its `apply_batch` seals the current buffer
+        // before and after reserving the batch's marker.
+        let mut entries = entries.into_iter();
+        let first = entries.next();
+        match (first, entries.next()) {
+            (None, _) => {}
+            (Some(entry), None) => {
+                self.log
+                    .insert(index_key(entry.log_id.index), encode(&entry))
+                    .map_err(|e| StorageIOError::write_logs(&e))?;
+            }
+            (Some(first), Some(second)) => {
+                let mut batch = sled::Batch::default();
+                for entry in [first, second].into_iter().chain(entries) {
+                    batch.insert(&index_key(entry.log_id.index), encode(&entry));
+                }
+                self.log
+                    .apply_batch(batch)
+                    .map_err(|e| StorageIOError::write_logs(&e))?;
+            }
         }
-        self.log
-            .apply_batch(batch)
-            .map_err(|e| StorageIOError::write_logs(&e))?;
         // The entries are in sled's buffers; the flusher makes them durable and only then
         // acknowledges them.
         if let Err(e) = self.flusher.send(callback).await {
@@ -478,7 +512,24 @@ pub struct StateMachineStore {
     /// Held while a snapshot is compared with the stored one and written.
     snapshot_write: Arc<Mutex<()>>,
     applied: SharedState,
+    /// Applied changes not yet written to sled. Locked only while `applied` is held.
+    unwritten: Arc<Mutex<Unwritten>>,
 }
+
+/// What applies changed since the state machine was last written to sled.
+#[derive(Debug, Default)]
+struct Unwritten {
+    /// The keys they changed (repeats are removed when written).
+    touched: Vec<Touched>,
+    /// How many log entries they covered.
+    entries: u64,
+}
+
+/// The state machine is written to sled after this many applied entries...
+const WRITE_AFTER_ENTRIES: u64 = 1024;
+/// ...or once this many key changes are waiting, whichever comes first. Together they bound
+/// what a restart re-applies from the log.
+const WRITE_AFTER_KEYS: usize = 1024;
 
 #[derive(serde::Serialize, serde::Deserialize)]
 struct StoredSnapshot {
@@ -592,13 +643,36 @@ impl StateMachineStore {
             }
         }
         applied.state.rebuild();
-        Ok(Self {
+        let store = Self {
             durable,
             sm,
             snapshot,
             snapshot_write: Arc::default(),
-            applied: Arc::new(RwLock::new(applied)),
-        })
+            applied: Arc::new(RwLock::new(Applied::default())),
+            unwritten: Arc::default(),
+        };
+        // The state machine is written after the snapshot that covers it, so the stored
+        // snapshot is never newer than what is loaded above. Should it be, start from it:
+        // the log before it may already be purged and could not be re-applied.
+        if let Some(snap) = store.read_snapshot()? {
+            if snap.meta.last_log_id > applied.last_applied {
+                let signature = Some(snap.meta.signature());
+                tracing::warn!(
+                    snapshot = %snap.meta.snapshot_id,
+                    "the stored snapshot is newer than the state machine; starting from it"
+                );
+                let mut state: ClusterState =
+                    decode(&snap.data).map_err(|e| StorageIOError::read_snapshot(signature, &e))?;
+                state.rebuild();
+                applied = Applied {
+                    state,
+                    last_applied: snap.meta.last_log_id,
+                    membership: snap.meta.last_membership,
+                };
+            }
+        }
+        *store.applied.write().map_err(|_| poisoned())? = applied;
+        Ok(store)
     }
 
     /// Shared read access to the applied state.
@@ -606,8 +680,19 @@ impl StateMachineStore {
         self.applied.clone()
     }
 
-    fn persist(&self, applied: &Applied, touched: &mut Vec<Touched>) -> StorageResult<()> {
-        self.persist_with(sled::Batch::default(), applied, touched)
+    /// Writes what applies changed since the last write to sled, with the last applied log
+    /// id, in one atomic batch. Not flushed: the log holds every applied entry until a
+    /// snapshot covers it, and a restart re-applies those after the state machine's
+    /// `last_applied` (openraft does, up to the committed index it reads back).
+    /// Must be called with `applied` locked.
+    fn write_unwritten(&self, applied: &Applied) -> StorageResult<()> {
+        let mut unwritten = self.unwritten.lock().map_err(|_| poisoned())?;
+        if unwritten.entries == 0 && unwritten.touched.is_empty() {
+            return Ok(());
+        }
+        self.persist_with(sled::Batch::default(), applied, &mut unwritten.touched)?;
+        unwritten.entries = 0;
+        Ok(())
     }
 
     /// Writes `batch` and what `touched` names of `applied` in one atomic batch (a later
@@ -737,7 +822,9 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         let mut applied = self.applied.write().map_err(|_| poisoned())?;
         let mut touched = Vec::new();
         let mut results = Vec::new();
+        let mut count = 0;
         for entry in entries {
+            count += 1;
             applied.last_applied = Some(entry.log_id);
             let result = match entry.payload {
                 EntryPayload::Blank => CommandResult::Done,
@@ -749,7 +836,17 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             };
             results.push(result);
         }
-        self.persist(&applied, &mut touched)?;
+        // Written to sled in batches of many entries, not per apply: a sled batch costs two
+        // writes of sled's IO buffer of its own, and the next log flush waits for them.
+        let due = {
+            let mut unwritten = self.unwritten.lock().map_err(|_| poisoned())?;
+            unwritten.touched.append(&mut touched);
+            unwritten.entries += count;
+            unwritten.entries >= WRITE_AFTER_ENTRIES || unwritten.touched.len() >= WRITE_AFTER_KEYS
+        };
+        if due {
+            self.write_unwritten(&applied)?;
+        }
         Ok(results)
     }
 
@@ -824,6 +921,9 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         // must not leave an empty state machine whose log is already purged.
         self.persist_with(batch, &new, &mut touched)?;
         *applied = new;
+        // The snapshot replaced everything those changes were to.
+        let mut unwritten = self.unwritten.lock().map_err(|_| poisoned())?;
+        *unwritten = Unwritten::default();
         Ok(())
     }
 
@@ -845,6 +945,9 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
         let (state, last_applied, membership, locked) = {
             let applied = self.applied.read().map_err(|_| poisoned())?;
             let locked = started.elapsed();
+            // The state machine on disk must be at least as new as the snapshot: the log
+            // the snapshot covers can be purged once it is stored.
+            self.write_unwritten(&applied)?;
             (
                 applied.state.clone(),
                 applied.last_applied,
@@ -1069,8 +1172,9 @@ mod tests {
         assert_eq!(before.api_keys[&key.record.id].revoked_at_ms, Some(2));
         assert_eq!(before.audit.len(), 3);
 
-        // Loaded back from what is on disk (the database stays open: sled holds its lock
-        // until its background threads end).
+        // Loaded back from what is on disk after a clean stop (the database stays open: sled
+        // holds its lock until its background threads end).
+        storage.flush().await.map_err(write_err)?;
         let mut sm = StateMachineStore::open(storage.durable.clone())?;
         assert_eq!(state_of(&sm), before);
 
@@ -1080,6 +1184,127 @@ mod tests {
         let (_log2, mut sm2) = storage2.split()?;
         sm2.install_snapshot(&snap.meta, snap.snapshot).await?;
         assert_eq!(state_of(&sm2), before);
+        Ok(())
+    }
+
+    fn kv_keys(state: &ClusterState) -> Vec<String> {
+        state.kv.keys().cloned().collect()
+    }
+
+    /// Applies are written to sled in batches, not one by one; a restart re-applies from
+    /// the log what the state machine had not written, up to the saved committed index.
+    #[tokio::test]
+    async fn a_restart_reapplies_what_the_state_machine_had_not_written() -> StorageResult<()> {
+        use openraft::storage::RaftLogStorageExt;
+        use openraft::StorageHelper;
+
+        let dir = tempfile::tempdir().map_err(write_err)?;
+        let storage = Storage::open(dir.path()).map_err(write_err)?;
+        let (mut log, mut sm) = storage.split()?;
+        // Index 0 is where a cluster's log starts (its first membership).
+        let first = Entry {
+            log_id: LogId::new(openraft::CommittedLeaderId::new(1, 0), 0),
+            payload: EntryPayload::Blank,
+        };
+        let entries: Vec<_> = std::iter::once(first)
+            .chain((1..=5).map(|i| kv_put_entry(i, &format!("k{i}"))))
+            .collect();
+        log.blocking_append(entries.clone()).await?;
+        log.save_committed(Some(entries[5].log_id)).await?;
+        for entry in entries {
+            sm.apply([entry]).await?;
+        }
+        assert_eq!(kv_keys(&state_of(&sm)).len(), 5);
+
+        // A crash now: what sled holds of the state machine is still empty.
+        let mut restarted = StateMachineStore::open(storage.durable.clone())?;
+        assert!(kv_keys(&state_of(&restarted)).is_empty());
+        assert_eq!(restarted.applied_state().await?.0, None);
+
+        // openraft's start-up re-applies the committed entries from the log.
+        StorageHelper::new(&mut log, &mut restarted)
+            .get_initial_state()
+            .await?;
+        assert_eq!(
+            restarted.applied_state().await?.0.map(|id| id.index),
+            Some(5)
+        );
+        assert_eq!(state_of(&restarted), state_of(&sm));
+        Ok(())
+    }
+
+    /// Enough applied entries are written without waiting for a snapshot or a stop, so a
+    /// restart never has more than that to re-apply.
+    #[tokio::test]
+    async fn the_state_machine_is_written_every_so_many_entries() -> StorageResult<()> {
+        let dir = tempfile::tempdir().map_err(write_err)?;
+        let storage = Storage::open(dir.path()).map_err(write_err)?;
+        let (_log, mut sm) = storage.split()?;
+        for i in 1..=WRITE_AFTER_ENTRIES {
+            sm.apply([kv_put_entry(i, &format!("k{i}"))]).await?;
+        }
+        sm.apply([kv_put_entry(WRITE_AFTER_ENTRIES + 1, "last")])
+            .await?;
+        let on_disk = StateMachineStore::open(storage.durable.clone())?;
+        let (applied, _) = on_disk.clone().applied_state().await?;
+        assert_eq!(applied.map(|id| id.index), Some(WRITE_AFTER_ENTRIES));
+        assert_eq!(
+            kv_keys(&state_of(&on_disk)).len() as u64,
+            WRITE_AFTER_ENTRIES
+        );
+        Ok(())
+    }
+
+    /// A clean stop (`Storage::flush`) and a built snapshot both write what is unwritten.
+    #[tokio::test]
+    async fn a_clean_stop_and_a_snapshot_write_the_state_machine() -> StorageResult<()> {
+        let dir = tempfile::tempdir().map_err(write_err)?;
+        let storage = Storage::open(dir.path()).map_err(write_err)?;
+        let (_log, mut sm) = storage.split()?;
+        sm.apply([kv_put_entry(1, "a")]).await?;
+        storage.flush().await.map_err(write_err)?;
+        let on_disk = StateMachineStore::open(storage.durable.clone())?;
+        assert_eq!(kv_keys(&state_of(&on_disk)), vec!["a".to_string()]);
+
+        sm.apply([kv_put_entry(2, "b")]).await?;
+        let snap = sm.build_snapshot().await?;
+        let on_disk = StateMachineStore::open(storage.durable.clone())?;
+        assert_eq!(
+            kv_keys(&state_of(&on_disk)),
+            vec!["a".to_string(), "b".to_string()]
+        );
+        assert_eq!(
+            on_disk.clone().applied_state().await?.0,
+            snap.meta.last_log_id
+        );
+        Ok(())
+    }
+
+    /// Should the stored snapshot ever be newer than the state machine on disk, a restart
+    /// starts from the snapshot: the log it covers may be gone.
+    #[tokio::test]
+    async fn a_restart_starts_from_a_snapshot_newer_than_the_state_machine() -> StorageResult<()> {
+        let other_dir = tempfile::tempdir().map_err(write_err)?;
+        let other = Storage::open(other_dir.path()).map_err(write_err)?;
+        let (_log, mut ahead) = other.split()?;
+        ahead
+            .apply([kv_put_entry(1, "x"), kv_put_entry(2, "y")])
+            .await?;
+        let snap = ahead.build_snapshot().await?;
+
+        let dir = tempfile::tempdir().map_err(write_err)?;
+        let storage = Storage::open(dir.path()).map_err(write_err)?;
+        let (_log2, sm) = storage.split()?;
+        sm.write_snapshot(&StoredSnapshot {
+            meta: snap.meta.clone(),
+            data: snap.snapshot.into_inner(),
+        })
+        .await?;
+        let restarted = StateMachineStore::open(storage.durable.clone())?;
+        assert_eq!(state_of(&restarted), state_of(&ahead));
+        let (applied, membership) = restarted.clone().applied_state().await?;
+        assert_eq!(applied, snap.meta.last_log_id);
+        assert_eq!(membership, snap.meta.last_membership);
         Ok(())
     }
 }
