@@ -669,6 +669,9 @@ impl StateMachineStore {
                     last_applied: snap.meta.last_log_id,
                     membership: snap.meta.last_membership,
                 };
+                // Rewritten whole: a later write of changed keys alone would leave keys
+                // the snapshot no longer has beside a newer `last_applied`.
+                store.write_whole(&applied)?;
             }
         }
         *store.applied.write().map_err(|_| poisoned())? = applied;
@@ -692,6 +695,45 @@ impl StateMachineStore {
         }
         self.persist_with(sled::Batch::default(), applied, &mut unwritten.touched)?;
         unwritten.entries = 0;
+        Ok(())
+    }
+
+    /// Replaces the whole state machine on disk with `new`: every stored key removed, then
+    /// all of `new` written, in one atomic batch, so a crash in between cannot leave an
+    /// empty or mixed state machine whose log is already purged.
+    fn write_whole(&self, new: &Applied) -> StorageResult<()> {
+        let mut batch = sled::Batch::default();
+        for item in self.sm.iter() {
+            let (key, _) = item.map_err(read_err)?;
+            batch.remove(key);
+        }
+        let mut touched: Vec<Touched> = vec![Touched::ClusterId, Touched::Revision];
+        touched.extend(new.state.members.keys().map(|id| Touched::Member(*id)));
+        touched.extend(new.state.kv.keys().map(|k| Touched::Kv(k.clone())));
+        touched.extend(
+            new.state
+                .used_tokens
+                .keys()
+                .map(|n| Touched::Token(n.clone())),
+        );
+        touched.extend(
+            new.state
+                .issued_tokens
+                .keys()
+                .map(|n| Touched::Issued(n.clone())),
+        );
+        touched.extend(new.state.jobs.keys().map(|id| Touched::Job(id.clone())));
+        touched.extend(new.state.trainers.keys().map(|id| Touched::Trainer(*id)));
+        touched.extend(
+            new.state
+                .api_keys
+                .keys()
+                .map(|id| Touched::ApiKey(id.clone())),
+        );
+        touched.extend(new.state.audit.keys().map(|seq| Touched::Audit(*seq)));
+        self.persist_with(batch, new, &mut touched)?;
+        // Everything applies had changed is in what was just written.
+        *self.unwritten.lock().map_err(|_| poisoned())? = Unwritten::default();
         Ok(())
     }
 
@@ -881,49 +923,13 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         self.write_snapshot(&snap).await?;
 
         let mut applied = self.applied.write().map_err(|_| poisoned())?;
-        let mut batch = sled::Batch::default();
-        for item in self.sm.iter() {
-            let (key, _) = item.map_err(read_err)?;
-            batch.remove(key);
-        }
         let new = Applied {
             state,
             last_applied: meta.last_log_id,
             membership: meta.last_membership.clone(),
         };
-        let mut touched: Vec<Touched> = Vec::new();
-        touched.push(Touched::ClusterId);
-        touched.push(Touched::Revision);
-        touched.extend(new.state.members.keys().map(|id| Touched::Member(*id)));
-        touched.extend(new.state.kv.keys().map(|k| Touched::Kv(k.clone())));
-        touched.extend(
-            new.state
-                .used_tokens
-                .keys()
-                .map(|n| Touched::Token(n.clone())),
-        );
-        touched.extend(
-            new.state
-                .issued_tokens
-                .keys()
-                .map(|n| Touched::Issued(n.clone())),
-        );
-        touched.extend(new.state.jobs.keys().map(|id| Touched::Job(id.clone())));
-        touched.extend(new.state.trainers.keys().map(|id| Touched::Trainer(*id)));
-        touched.extend(
-            new.state
-                .api_keys
-                .keys()
-                .map(|id| Touched::ApiKey(id.clone())),
-        );
-        touched.extend(new.state.audit.keys().map(|seq| Touched::Audit(*seq)));
-        // Removes first, then the new contents, all in one atomic batch: a crash in between
-        // must not leave an empty state machine whose log is already purged.
-        self.persist_with(batch, &new, &mut touched)?;
+        self.write_whole(&new)?;
         *applied = new;
-        // The snapshot replaced everything those changes were to.
-        let mut unwritten = self.unwritten.lock().map_err(|_| poisoned())?;
-        *unwritten = Unwritten::default();
         Ok(())
     }
 
@@ -1294,17 +1300,26 @@ mod tests {
 
         let dir = tempfile::tempdir().map_err(write_err)?;
         let storage = Storage::open(dir.path()).map_err(write_err)?;
-        let (_log2, sm) = storage.split()?;
+        let (_log2, mut sm) = storage.split()?;
+        sm.apply([kv_put_entry(1, "stale")]).await?;
+        storage.flush().await.map_err(write_err)?;
         sm.write_snapshot(&StoredSnapshot {
             meta: snap.meta.clone(),
             data: snap.snapshot.into_inner(),
         })
         .await?;
-        let restarted = StateMachineStore::open(storage.durable.clone())?;
+        let mut restarted = StateMachineStore::open(storage.durable.clone())?;
         assert_eq!(state_of(&restarted), state_of(&ahead));
         let (applied, membership) = restarted.clone().applied_state().await?;
         assert_eq!(applied, snap.meta.last_log_id);
         assert_eq!(membership, snap.meta.last_membership);
+
+        // The state machine on disk was replaced too: after one more write, a second
+        // restart does not bring the key the snapshot did not have back.
+        restarted.apply([kv_put_entry(3, "z")]).await?;
+        restarted.build_snapshot().await?;
+        let again = StateMachineStore::open(storage.durable.clone())?;
+        assert_eq!(kv_keys(&state_of(&again)), ["x", "y", "z"]);
         Ok(())
     }
 }
