@@ -523,6 +523,9 @@ struct Unwritten {
     touched: Vec<Touched>,
     /// How many log entries they covered.
     entries: u64,
+    /// A write failed: the keys it was to write are gone from `touched`, so no later write
+    /// may record a newer `last_applied` (it would claim changes the trees do not hold).
+    failed: bool,
 }
 
 /// The state machine is written to sled after this many applied entries...
@@ -690,12 +693,17 @@ impl StateMachineStore {
     /// Must be called with `applied` locked.
     fn write_unwritten(&self, applied: &Applied) -> StorageResult<()> {
         let mut unwritten = self.unwritten.lock().map_err(|_| poisoned())?;
+        if unwritten.failed {
+            let e = std::io::Error::other("an earlier state machine write failed");
+            return Err(StorageIOError::write_state_machine(&e).into());
+        }
         if unwritten.entries == 0 && unwritten.touched.is_empty() {
             return Ok(());
         }
-        self.persist_with(sled::Batch::default(), applied, &mut unwritten.touched)?;
+        let written = self.persist_with(sled::Batch::default(), applied, &mut unwritten.touched);
+        unwritten.failed = written.is_err();
         unwritten.entries = 0;
-        Ok(())
+        written
     }
 
     /// Replaces the whole state machine on disk with `new`: every stored key removed, then
@@ -865,8 +873,10 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         let mut touched = Vec::new();
         let mut results = Vec::new();
         let mut count = 0;
+        let mut membership_changed = false;
         for entry in entries {
             count += 1;
+            membership_changed |= matches!(entry.payload, EntryPayload::Membership(_));
             applied.last_applied = Some(entry.log_id);
             let result = match entry.payload {
                 EntryPayload::Blank => CommandResult::Done,
@@ -880,11 +890,16 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         }
         // Written to sled in batches of many entries, not per apply: a sled batch costs two
         // writes of sled's IO buffer of its own, and the next log flush waits for them.
+        // Membership and member records are written at once (they are rare): a node that
+        // was removed must still know it after a crash, with nothing left to re-apply from.
+        membership_changed |= touched.iter().any(|t| matches!(t, Touched::Member(_)));
         let due = {
             let mut unwritten = self.unwritten.lock().map_err(|_| poisoned())?;
             unwritten.touched.append(&mut touched);
             unwritten.entries += count;
-            unwritten.entries >= WRITE_AFTER_ENTRIES || unwritten.touched.len() >= WRITE_AFTER_KEYS
+            membership_changed
+                || unwritten.entries >= WRITE_AFTER_ENTRIES
+                || unwritten.touched.len() >= WRITE_AFTER_KEYS
         };
         if due {
             self.write_unwritten(&applied)?;
@@ -1246,18 +1261,32 @@ mod tests {
         let dir = tempfile::tempdir().map_err(write_err)?;
         let storage = Storage::open(dir.path()).map_err(write_err)?;
         let (_log, mut sm) = storage.split()?;
-        for i in 1..=WRITE_AFTER_ENTRIES {
+        let on_disk = || -> StorageResult<Option<u64>> {
+            let sm = StateMachineStore::open(storage.durable.clone())?;
+            let applied = sm.applied.read().map_err(|_| poisoned())?.last_applied;
+            Ok(applied.map(|id| id.index))
+        };
+        let blank = |index| Entry::<TypeConfig> {
+            log_id: LogId::new(openraft::CommittedLeaderId::new(1, 0), index),
+            payload: EntryPayload::Blank,
+        };
+        // Entries that change no key: the entry count decides.
+        for i in 1..WRITE_AFTER_ENTRIES {
+            sm.apply([blank(i)]).await?;
+        }
+        assert_eq!(on_disk()?, None);
+        sm.apply([blank(WRITE_AFTER_ENTRIES)]).await?;
+        assert_eq!(on_disk()?, Some(WRITE_AFTER_ENTRIES));
+
+        // A put changes two keys (the key and the revision): the key count decides.
+        let puts = WRITE_AFTER_KEYS as u64 / 2;
+        let first = WRITE_AFTER_ENTRIES + 1;
+        for i in first..first + puts - 1 {
             sm.apply([kv_put_entry(i, &format!("k{i}"))]).await?;
         }
-        sm.apply([kv_put_entry(WRITE_AFTER_ENTRIES + 1, "last")])
-            .await?;
-        let on_disk = StateMachineStore::open(storage.durable.clone())?;
-        let (applied, _) = on_disk.clone().applied_state().await?;
-        assert_eq!(applied.map(|id| id.index), Some(WRITE_AFTER_ENTRIES));
-        assert_eq!(
-            kv_keys(&state_of(&on_disk)).len() as u64,
-            WRITE_AFTER_ENTRIES
-        );
+        assert_eq!(on_disk()?, Some(WRITE_AFTER_ENTRIES));
+        sm.apply([kv_put_entry(first + puts - 1, "last")]).await?;
+        assert_eq!(on_disk()?, Some(first + puts - 1));
         Ok(())
     }
 
@@ -1274,15 +1303,12 @@ mod tests {
 
         sm.apply([kv_put_entry(2, "b")]).await?;
         let snap = sm.build_snapshot().await?;
-        let on_disk = StateMachineStore::open(storage.durable.clone())?;
-        assert_eq!(
-            kv_keys(&state_of(&on_disk)),
-            vec!["a".to_string(), "b".to_string()]
-        );
-        assert_eq!(
-            on_disk.clone().applied_state().await?.0,
-            snap.meta.last_log_id
-        );
+        // Read from the tree itself: opening the store would start from the snapshot.
+        let tree = storage.durable.db.open_tree("raft_sm").map_err(read_err)?;
+        let applied: Option<LogId<NodeId>> =
+            decode(&tree.get(APPLIED).map_err(read_err)?.expect("written")).map_err(read_err)?;
+        assert_eq!(applied, snap.meta.last_log_id);
+        assert!(tree.get(kv_key("b")).map_err(read_err)?.is_some());
         Ok(())
     }
 
